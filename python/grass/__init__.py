@@ -1,0 +1,1 @@
+"""grass: training-data attribution with compressed per-sample gradients."""
