@@ -1,0 +1,81 @@
+"""Timing helpers shared by every benchmark in bench/.
+
+All comparisons are measured side by side in one process. glibc's malloc returns large blocks
+to the OS and faults them in again, which makes allocation-heavy baselines slow and noisy on
+these machines (ENVIRONMENT.md); ``ensure_malloc_env`` re-executes the process with the
+thresholds set, so every side of every comparison runs under the same allocator settings.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+}
+
+
+def ensure_malloc_env() -> None:
+    """Re-exec this Python process with the malloc thresholds set (glibc reads them at start)."""
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    os.environ.update(MALLOC_ENV)
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str | None = "cpu",
+    warmup: int = 2,
+    repeats: int = 7,
+    min_time: float = 0.0,
+) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
+
+    With ``min_time`` > 0, runs continue past ``repeats`` until that many seconds are spent
+    (stable medians for sub-millisecond ops).
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], object], device="cuda") -> int:
+    """Peak CUDA memory allocated by ``fn()`` above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table (also valid GitHub markdown)."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
