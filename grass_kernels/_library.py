@@ -7,14 +7,29 @@ shapes without running a kernel. Argument order and meaning match ``grass_kernel
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-try:
-    from . import _C  # noqa: F401  (importing registers the ops)
 
-    NATIVE_ERROR: ImportError | None = None
-except ImportError as error:  # the extension was not built
-    NATIVE_ERROR = error
+def _load() -> ImportError | None:
+    """Load the op library; returns the error that made it unavailable, if any.
+
+    GRASS_KERNELS_LIBRARY=/path/to/libgrass_kernels.so loads a CMake-built library instead of
+    the Python extension (the same ops, see CMakeLists.txt).
+    """
+    path = os.environ.get("GRASS_KERNELS_LIBRARY")
+    try:
+        if path:
+            torch.ops.load_library(path)
+        else:
+            from . import _C  # noqa: F401  (importing registers the ops)
+    except (ImportError, OSError) as error:
+        return ImportError(str(error))
+    return None
+
+
+NATIVE_ERROR = _load()
 
 
 def native():
