@@ -7,9 +7,8 @@ Backends:
     "triton"     Triton kernels (``grass_kernels.triton``), CUDA tensors, or CPU tensors under
                  the Triton interpreter (TRITON_INTERPRET=1, used by the tests)
 
-``backend=None`` picks by the input's device: "cpu" on the CPU; on a GPU the backend that
-``bench/gpu_check.py`` measured fastest for that op (``GPU_DEFAULT``). Nothing falls back
-silently: a backend that is asked for and unavailable raises.
+``backend=None`` picks by the input's device: "cpu" on the CPU; on a GPU the entry of
+``GPU_DEFAULT``. Nothing falls back silently: a backend that is asked for and unavailable raises.
 """
 
 from __future__ import annotations
@@ -24,7 +23,10 @@ from ._library import native
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# Defaults on CUDA devices, from the H200 measurements in bench/results/ (see bench/README.md).
+# Defaults on CUDA devices. Not yet measured on a GPU (no device was lent to the sessions so
+# far): the CUDA kernels where one exists (shared-memory accumulation instead of global
+# atomics), Triton for the dense-GEMM-shaped ops. `bench/gpu_check.py` prints the comparison
+# that should set these; update them from its table.
 GPU_DEFAULT = {
     "sjlt": "cuda",
     "sjlt_transpose": "cuda",
