@@ -1,0 +1,335 @@
+// CPU (C++/OpenMP) kernels of the factorized ops: logra, fact_grass, fact_sjlt.
+// Semantics: grass_kernels/reference.py. acts (B, T, d_in) and grads (B, T, d_out) in fp32,
+// bf16 or fp16 with any strides; fp32 accumulation and output.
+//
+// All three ops have one shape: per example b, per tile of token rows, fill two fp32 tiles
+//     U (rows x n_out) from grads,   V (rows x n_in) from acts (token mask and bias folded in)
+// and accumulate A += U^T V (n_out x n_in) in a per-thread buffer; at the end of the example
+// A is written out (logra, fact_sjlt) or scaled and scattered into the SJLT buckets
+// (fact_grass). What differs is how U and V are filled:
+//     fact_grass  gather the k_o' / k_i' masked columns (index d_in of acts = virtual 1.0)
+//     logra       project the rows: X P_in^T, Delta P_out^T (bias: + P_in[:, d_in])
+//     fact_sjlt   hash-scatter each row into k_in / k_out buckets
+// Nothing proportional to B*T*k or B*d_out*d_in is ever allocated: the workspace is
+// threads x (tile rows x (n_in + n_out + one converted input row) + n_out x n_in) floats.
+//
+// The dense products (A += U^T V and logra's projections) go to ATen's addmm / mm on
+// from_blob views of the per-thread buffers, i.e. MKL's sgemm, called from inside our
+// parallel region, where it runs single-threaded: it is faster than any hand-written
+// micro-kernel here and the call overhead (a few microseconds) is paid once per tile.
+// Parallelism: examples are split over threads; with fewer examples than threads each
+// example's tokens are split into chunks whose results are summed at the end (both the
+// copy-out and the SJLT scatter are linear, so partial results add).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+#include "common.h"
+
+namespace grass {
+namespace {
+
+// Floats per tile (U, V and converted input rows) per thread: ~1 MB, the L2 of this CPU.
+constexpr int64_t kTileFloats = 1 << 18;
+constexpr int64_t kMaxTileRows = 512;
+
+// One (B, T, d) input, read row by row into fp32, whatever its dtype and strides.
+struct Rows {
+  const char* data;
+  at::ScalarType dtype;
+  int64_t itemsize, sb, st, sd;  // strides in elements
+
+  explicit Rows(const at::Tensor& t)
+      : data(static_cast<const char*>(t.data_ptr())),
+        dtype(t.scalar_type()),
+        itemsize(t.element_size()),
+        sb(t.stride(0)),
+        st(t.stride(1)),
+        sd(t.stride(2)) {}
+
+  const char* row(int64_t b, int64_t t) const { return data + (b * sb + t * st) * itemsize; }
+};
+
+// dst[j] = m * x[off[j]]; off[j] < 0 marks the virtual bias input, whose value is 1.
+void gather_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_t n, float m,
+                float* dst) {
+  GRASS_DISPATCH_FLOATING(in.dtype, "gather_row", [&] {
+    const auto* x = reinterpret_cast<const scalar_t*>(in.row(b, t));
+    for (int64_t j = 0; j < n; ++j) {
+      dst[j] = off[j] < 0 ? m : m * static_cast<float>(x[off[j]]);
+    }
+  });
+}
+
+// dst[i] = x[i] for the n = d features of row (b, t); a unit stride gets a vectorisable loop.
+void load_row(const Rows& in, int64_t b, int64_t t, int64_t n, float* dst) {
+  GRASS_DISPATCH_FLOATING(in.dtype, "load_row", [&] {
+    const auto* x = reinterpret_cast<const scalar_t*>(in.row(b, t));
+    if (in.sd == 1) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i * in.sd]);
+    }
+  });
+}
+
+// SJLT codes decoded once per call: bucket and signed weight (+-1/sqrt(c)) per (row, copy).
+struct Sketch {
+  at::Tensor buckets, weights;  // int32 / fp32 (rows, c)
+  const int32_t* bucket = nullptr;
+  const float* weight = nullptr;
+  int64_t c;
+
+  Sketch(const at::Tensor& codes, int64_t rows, int64_t k, const at::Tensor& ref, const char* name) {
+    check_codes(codes, name, rows, ref);
+    auto cc = codes.contiguous();
+    c = cc.size(1);
+    buckets = at::empty_like(cc);
+    weights = at::empty(cc.sizes(), cc.options().dtype(at::kFloat));
+    const int32_t* code = cc.data_ptr<int32_t>();
+    int32_t* bk = buckets.data_ptr<int32_t>();
+    float* wt = weights.data_ptr<float>();
+    const float w = 1.0f / std::sqrt(static_cast<float>(c));
+    bool in_range = true;
+    for (int64_t e = 0; e < cc.numel(); ++e) {
+      bk[e] = code_bucket(code[e]);
+      wt[e] = code_sign(code[e]) * w;
+      in_range &= bk[e] < k;
+    }
+    TORCH_CHECK(in_range, name, " holds buckets outside [0, ", k, ")");
+    bucket = bk;
+    weight = wt;
+  }
+
+  // dst[h(e)] += s(e) / sqrt(c) * v for the c copies of row e.
+  void add(int64_t e, float v, float* dst) const {
+    for (int64_t j = e * c; j < (e + 1) * c; ++j) dst[bucket[j]] += weight[j] * v;
+  }
+};
+
+// dst (k) = SJLT of m * x_row (n = d features), plus the virtual bias input (value m) when
+// the table has a row for it.
+void sketch_row(const Rows& in, int64_t b, int64_t t, int64_t n, bool bias, float m,
+                const Sketch& sk, int64_t k, float* dst) {
+  std::fill(dst, dst + k, 0.0f);
+  if (m == 0.0f) return;
+  GRASS_DISPATCH_FLOATING(in.dtype, "sketch_row", [&] {
+    const auto* x = reinterpret_cast<const scalar_t*>(in.row(b, t));
+    for (int64_t i = 0; i < n; ++i) sk.add(i, m * static_cast<float>(x[i * in.sd]), dst);
+  });
+  if (bias) sk.add(n, m, dst);
+}
+
+// A (n_out x n_in) += U^T V with U (rows x n_out), V (rows x n_in), all row-major fp32.
+void accumulate_outer(int64_t rows, int64_t n_out, int64_t n_in, float* u, float* v, float* a) {
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto A = at::from_blob(a, {n_out, n_in}, opts);
+  auto U = at::from_blob(u, {rows, n_out}, opts);
+  auto V = at::from_blob(v, {rows, n_in}, opts);
+  A.addmm_(U.t(), V);
+}
+
+// Y (rows x k) = X P^T: X (rows x d) with row stride ldx, P (k x d) with row stride ldp.
+void project(int64_t rows, int64_t d, int64_t k, const float* x, int64_t ldx, const float* p,
+             int64_t ldp, float* y) {
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto X = at::from_blob(const_cast<float*>(x), {rows, d}, {ldx, 1}, opts);
+  auto P = at::from_blob(const_cast<float*>(p), {k, d}, {ldp, 1}, opts);
+  auto Y = at::from_blob(y, {rows, k}, opts);
+  at::mm_out(Y, X, P.t());
+}
+
+// The token mask as a (B, T) fp32 pointer, or nullptr for "all ones".
+struct TokenMask {
+  at::Tensor mask;
+  const float* ptr = nullptr;
+  int64_t T;
+
+  TokenMask(const std::optional<at::Tensor>& m, int64_t tokens) : T(tokens) {
+    if (m.has_value()) {
+      mask = m->contiguous();
+      ptr = mask.data_ptr<float>();
+    }
+  }
+  float operator()(int64_t b, int64_t t) const { return ptr ? ptr[b * T + t] : 1.0f; }
+};
+
+// The shared driver. fill(b, t0, rows, U, V, scratch) fills the tiles for tokens
+// [t0, t0 + rows) of example b; finish(A, dst) adds example (chunk) results into dst (width).
+// scratch_floats: per-row scratch the fill needs (e.g. one converted input row).
+template <class Fill, class Finish>
+at::Tensor factorized_driver(const at::Tensor& acts, int64_t n_out, int64_t n_in,
+                             int64_t scratch_floats, int64_t width, const Fill& fill,
+                             const Finish& finish) {
+  const int64_t B = acts.size(0), T = acts.size(1);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = B >= threads ? 1 : std::min<int64_t>(T, (threads + B - 1) / B);
+  const int64_t per_row = n_in + n_out + scratch_floats;
+  const int64_t chunk_rows = (T + chunks - 1) / chunks;
+  const int64_t tile =
+      std::min({std::max<int64_t>(1, kTileFloats / per_row), kMaxTileRows, chunk_rows});
+  const int64_t per_thread = tile * per_row + n_out * n_in;
+  auto fopts = acts.options().dtype(at::kFloat);
+  // Workspace from ATen's allocator, so memory profilers see it like any other allocation.
+  auto workspace = at::empty({threads, per_thread}, fopts);
+  auto out = at::zeros({B, chunks, width}, fopts);
+  float* ws = workspace.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+
+  at::parallel_for(0, B * chunks, 1, [&](int64_t lo, int64_t hi) {
+    float* u = ws + at::get_thread_num() * per_thread;
+    float* v = u + tile * n_out;
+    float* scratch = v + tile * n_in;
+    float* acc = scratch + tile * scratch_floats;
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item / chunks, chunk = item % chunks;
+      const int64_t t_end = std::min(T, (chunk + 1) * chunk_rows);
+      std::fill(acc, acc + n_out * n_in, 0.0f);
+      for (int64_t t0 = chunk * chunk_rows; t0 < t_end; t0 += tile) {
+        const int64_t rows = std::min(tile, t_end - t0);
+        fill(b, t0, rows, u, v, scratch);
+        accumulate_outer(rows, n_out, n_in, u, v, acc);
+      }
+      finish(acc, out_ptr + item * width);
+    }
+  });
+  return chunks == 1 ? out.view({B, width}) : out.sum(1);
+}
+
+void copy_out(const float* acc, int64_t n, float* dst) { std::copy(acc, acc + n, dst); }
+
+// Element offsets of the masked columns: idx * stride, or -1 for the bias column.
+at::Tensor column_offsets(const at::Tensor& idx, int64_t d, int64_t limit, int64_t stride,
+                          const char* name) {
+  auto ix = idx.contiguous();
+  auto off = at::empty_like(ix);
+  const int64_t* in = ix.data_ptr<int64_t>();
+  int64_t* o = off.data_ptr<int64_t>();
+  for (int64_t j = 0; j < ix.numel(); ++j) {
+    TORCH_CHECK(in[j] >= 0 && in[j] < limit, name, " must lie in [0, ", limit, "), got ", in[j]);
+    o[j] = in[j] < d ? in[j] * stride : -1;
+  }
+  return off;
+}
+
+at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
+                          const at::Tensor& in_indices, const at::Tensor& out_indices,
+                          const at::Tensor& codes, int64_t k, double scale,
+                          const std::optional<at::Tensor>& token_mask, bool bias) {
+  check_linear(acts, grads, token_mask);
+  check_indices(in_indices, "in_indices", acts);
+  check_indices(out_indices, "out_indices", acts);
+  TORCH_CHECK(k >= 1, "k must be positive, got ", k);
+  const int64_t d_in = acts.size(2), d_out = grads.size(2);
+  const int64_t n_in = in_indices.numel(), n_out = out_indices.numel();
+  const Rows x(acts), g(grads);
+  auto off_in = column_offsets(in_indices, d_in, d_in + bias, x.sd, "in_indices");
+  auto off_out = column_offsets(out_indices, d_out, d_out, g.sd, "out_indices");
+  const int64_t* oi = off_in.data_ptr<int64_t>();
+  const int64_t* oo = off_out.data_ptr<int64_t>();
+  const Sketch sk(codes, n_out * n_in, k, acts, "codes");
+  const TokenMask mask(token_mask, acts.size(1));
+  const float s = static_cast<float>(scale);
+
+  auto fill = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float m = mask(b, t0 + r);
+      gather_row(g, b, t0 + r, oo, n_out, 1.0f, u + r * n_out);
+      if (m == 0.0f) {
+        std::fill(v + r * n_in, v + (r + 1) * n_in, 0.0f);  // padding: skip the read
+      } else {
+        gather_row(x, b, t0 + r, oi, n_in, m, v + r * n_in);
+      }
+    }
+  };
+  auto finish = [&](const float* acc, float* dst) {
+    for (int64_t e = 0; e < n_out * n_in; ++e) sk.add(e, s * acc[e], dst);
+  };
+  return factorized_driver(acts, n_out, n_in, 0, k, fill, finish);
+}
+
+at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::Tensor& p_in,
+                     const at::Tensor& p_out, const std::optional<at::Tensor>& token_mask,
+                     bool bias) {
+  check_linear(acts, grads, token_mask);
+  const int64_t d_in = acts.size(2), d_out = grads.size(2);
+  for (const auto& [p, name, cols] :
+       {std::tuple{&p_in, "p_in", d_in + bias}, std::tuple{&p_out, "p_out", d_out}}) {
+    TORCH_CHECK(p->scalar_type() == at::kFloat, name, " must be float32, got ", p->scalar_type());
+    TORCH_CHECK(p->dim() == 2 && p->size(1) == cols && p->size(0) >= 1, name,
+                " must have shape (k, ", cols, "), got ", p->sizes());
+    check_same_device(*p, name, acts);
+  }
+  auto pi = p_in.contiguous(), po = p_out.contiguous();
+  const int64_t k_in = pi.size(0), k_out = po.size(0);
+  // The bias column of P_in as a contiguous k_in vector (bias adds m_t * p_bias to x_t P_in^T).
+  auto p_bias = bias ? pi.select(1, d_in).contiguous() : at::Tensor();
+  const float* pb = bias ? p_bias.data_ptr<float>() : nullptr;
+  const float* pin = pi.data_ptr<float>();
+  const float* pout = po.data_ptr<float>();
+  const Rows x(acts), g(grads);
+  const TokenMask mask(token_mask, acts.size(1));
+  // fp32 rows with a unit stride feed the GEMM in place; anything else is converted per tile.
+  const bool direct_x = x.dtype == at::kFloat && x.sd == 1;
+  const bool direct_g = g.dtype == at::kFloat && g.sd == 1;
+  const int64_t scratch = std::max(direct_x ? 0 : d_in, direct_g ? 0 : d_out);
+
+  // Y (rows x k) = (rows of `in`) P^T, reading the rows in place when possible.
+  auto project_rows = [&](const Rows& in, bool direct, int64_t d, int64_t b, int64_t t0,
+                          int64_t rows, const float* p, int64_t ldp, int64_t k, float* y,
+                          float* buf) {
+    if (direct) {
+      project(rows, d, k, reinterpret_cast<const float*>(in.row(b, t0)), in.st, p, ldp, y);
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) load_row(in, b, t0 + r, d, buf + r * d);
+    project(rows, d, k, buf, d, p, ldp, y);
+  };
+  auto fill = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float* buf) {
+    project_rows(x, direct_x, d_in, b, t0, rows, pin, d_in + bias, k_in, v, buf);
+    if (pb || mask.ptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float m = mask(b, t0 + r);
+        float* row = v + r * k_in;
+        for (int64_t j = 0; j < k_in; ++j) row[j] = m * (row[j] + (pb ? pb[j] : 0.0f));
+      }
+    }
+    project_rows(g, direct_g, d_out, b, t0, rows, pout, d_out, k_out, u, buf);
+  };
+  auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
+  return factorized_driver(acts, k_out, k_in, scratch, k_out * k_in, fill, finish);
+}
+
+at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
+                         const at::Tensor& codes_in, const at::Tensor& codes_out, int64_t k_in,
+                         int64_t k_out, const std::optional<at::Tensor>& token_mask, bool bias) {
+  check_linear(acts, grads, token_mask);
+  TORCH_CHECK(k_in >= 1 && k_out >= 1, "k_in and k_out must be positive, got ", k_in, ", ",
+              k_out);
+  const int64_t d_in = acts.size(2), d_out = grads.size(2);
+  const Sketch sk_in(codes_in, d_in + bias, k_in, acts, "codes_in");
+  const Sketch sk_out(codes_out, d_out, k_out, acts, "codes_out");
+  const Rows x(acts), g(grads);
+  const TokenMask mask(token_mask, acts.size(1));
+
+  auto fill = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*) {
+    for (int64_t r = 0; r < rows; ++r) {
+      sketch_row(x, b, t0 + r, d_in, bias, mask(b, t0 + r), sk_in, k_in, v + r * k_in);
+      sketch_row(g, b, t0 + r, d_out, false, 1.0f, sk_out, k_out, u + r * k_out);
+    }
+  };
+  auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
+  return factorized_driver(acts, k_out, k_in, 0, k_out * k_in, fill, finish);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(grass_kernels, CPU, m) {
+  m.impl("logra", &logra_cpu);
+  m.impl("fact_grass", &fact_grass_cpu);
+  m.impl("fact_sjlt", &fact_sjlt_cpu);
+}
+
+}  // namespace grass
