@@ -7,6 +7,15 @@ Inputs (all ops):
     bias        append a virtual constant-1 input column at index d_in (acts is not copied)
     token_mask  optional (B, T), bool or float; masked tokens contribute nothing
     out_dtype   dtype of the result (accumulation is always fp32); default float32
+
+Path choice (``logra`` and ``fact_sjlt``): the fused kernels cost O(T * (d_in + d_out)) work
+per example to project or sketch the tokens plus O(T * k_out * k_in) for the outer products.
+For long sequences through small layers, forming G_i = Delta_i^T X_i (O(T * d_out * d_in)) and
+compressing it once is cheaper. ``path="auto"`` compares the two FLOP counts (``_flops``);
+``"factorized"`` forces the fused kernel, ``"materialize"`` forces the other path, which forms
+G_i for a bounded chunk of examples at a time (never B x d_out x d_in) and compresses it with
+the flat ops of the same backend. ``fact_grass`` has no such choice: its fused kernel already
+forms the masked k_o' x k_i' gradient per example, which never costs more than forming G_i.
 """
 
 from __future__ import annotations
@@ -16,7 +25,62 @@ import math
 import torch
 
 from . import _checks, _tables
-from ._backend import run
+from ._backend import resolve, run
+
+PATHS = ("auto", "factorized", "materialize")
+# Examples per materialised chunk are chosen so that the chunk's fp32 inputs and gradients
+# (n * (T * (d_in + d_out) + d_out * d_in')) stay under this many floats (64 MB).
+_MATERIALIZE_FLOATS = 1 << 24
+
+
+def _flops(op: str, t: int, d_in: int, d_out: int, k_in: int, k_out: int, c: int = 1):
+    """Per-example (factorized, materialize) FLOP counts; a scatter-add counts as 2 FLOPs.
+
+    d_in includes the bias column. logra: project both sides, then the outer products, vs
+    G_i then P_out G_i P_in^T. fact_sjlt: sketch both sides (c copies), then the outer
+    products, vs G_i then a row sketch (d_out rows of d_in) and a column sketch (k_in x d_out).
+    """
+    outer, gradient = 2 * t * k_out * k_in, 2 * t * d_out * d_in
+    if op == "logra":
+        factorized = 2 * t * (d_in * k_in + d_out * k_out) + outer
+        materialize = gradient + 2 * d_out * k_in * (d_in + k_out)
+    else:
+        factorized = 2 * c * t * (d_in + d_out) + outer
+        materialize = gradient + 2 * c * d_out * (d_in + k_in)
+    return factorized, materialize
+
+
+def _materialized_path(path, op: str, acts, grads, bias, k_in: int, k_out: int, c: int = 1):
+    """Whether ``op`` takes the materialise-then-compress path (``path``: see the module doc)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    if path != "auto":
+        return path == "materialize"
+    d_in = acts.shape[2] + int(bias)
+    factorized, materialize = _flops(op, acts.shape[1], d_in, grads.shape[2], k_in, k_out, c)
+    return materialize < factorized
+
+
+def _per_example_gradients(acts, grads, mask, bias: bool, compress) -> torch.Tensor:
+    """compress(G) over chunks of examples, G = sum_t delta_t x_t^T (n, d_out, d_in') fp32.
+
+    The bias column of G is sum_t m_t delta_t, appended to the chunk (acts is not copied to
+    add a ones column); the token mask is applied to grads, the cheaper side to scale.
+    """
+    b, t, d_in = acts.shape
+    d_out = grads.shape[2]
+    per_example = t * (d_in + d_out) + d_out * (d_in + int(bias))
+    step = max(1, _MATERIALIZE_FLOATS // per_example)
+    parts = []
+    for lo in range(0, b, step):
+        g = grads[lo : lo + step].float()
+        if mask is not None:
+            g = g * mask[lo : lo + step].unsqueeze(-1)
+        gradient = torch.bmm(g.transpose(1, 2), acts[lo : lo + step].float())
+        if bias:
+            gradient = torch.cat([gradient, g.sum(1).unsqueeze(-1)], dim=-1)
+        parts.append(compress(gradient))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _prepare(acts, grads, token_mask, out_dtype):
@@ -35,11 +99,12 @@ def logra(
     token_mask: torch.Tensor | None = None,
     backend: str | None = None,
     out_dtype: torch.dtype | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """LoGra: flatten(P_out G_i P_in^T) per example, (B, k_out * k_in), row-major (k_out, k_in).
 
     p_in (k_in, d_in + bias) and p_out (k_out, d_out) are float projections on acts' device,
-    e.g. ``gaussian_matrix(k_in, d_in + bias, seed=...)``.
+    e.g. ``gaussian_matrix(k_in, d_in + bias, seed=...)``. ``path``: see the module doc.
     """
     acts, grads, mask, dtype = _prepare(acts, grads, token_mask, out_dtype)
     d_in = acts.shape[2] + int(bias)
@@ -51,7 +116,15 @@ def logra(
             hint = " (bias=True adds one input column)" if name == "p_in" and bias else ""
             raise ValueError(f"{name} must have {width} columns{hint}; got shape {tuple(p.shape)}")
     p_in, p_out = p_in.float().contiguous(), p_out.float().contiguous()
-    out = run("logra", backend, acts.device, acts, grads, p_in, p_out, mask, bool(bias))
+    if _materialized_path(path, "logra", acts, grads, bias, p_in.shape[0], p_out.shape[0]):
+        resolve("logra", acts.device, backend)  # the same backend checks as the kernel path
+
+        def compress(gradient):  # (n, d_out, d_in') -> (n, k_out * k_in)
+            return (p_out @ gradient @ p_in.T).flatten(1)
+
+        out = _per_example_gradients(acts, grads, mask, bias, compress)
+    else:
+        out = run("logra", backend, acts.device, acts, grads, p_in, p_out, mask, bool(bias))
     return out.to(dtype)
 
 
@@ -103,10 +176,13 @@ def fact_sjlt(
     token_mask: torch.Tensor | None = None,
     backend: str | None = None,
     out_dtype: torch.dtype | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """FactSJLT: a Kronecker SJLT, flatten(sjlt(Delta, k_out)^T sjlt(X, k_in)) per example.
 
     Reads every coordinate (no mask bias); (B, k_out * k_in), row-major (k_out, k_in).
+    ``path``: see the module doc; the materialised path sketches G_i with the flat ``sjlt`` of
+    the same backend (rows with codes_in, then columns with codes_out).
     """
     acts, grads, mask, dtype = _prepare(acts, grads, token_mask, out_dtype)
     k_in, c = _checks.sjlt_sizes(k_in, c)
@@ -114,6 +190,16 @@ def fact_sjlt(
     d_in, d_out = acts.shape[2] + int(bias), grads.shape[2]
     codes_in = _tables.sjlt_codes(d_in, k_in, c, seed_in, acts.device)
     codes_out = _tables.sjlt_codes(d_out, k_out, c, seed_out, acts.device)
+    if _materialized_path(path, "fact_sjlt", acts, grads, bias, k_in, k_out, c):
+
+        def compress(gradient):  # (n, d_out, d_in') -> (n, k_out * k_in)
+            n = gradient.shape[0]
+            rows = run("sjlt", backend, acts.device, gradient.flatten(0, 1), codes_in, k_in)
+            cols = rows.view(n, d_out, k_in).transpose(1, 2).reshape(n * k_in, d_out)
+            both = run("sjlt", backend, acts.device, cols, codes_out, k_out)
+            return both.view(n, k_in, k_out).transpose(1, 2).flatten(1)
+
+        return _per_example_gradients(acts, grads, mask, bias, compress).to(dtype)
     out = run(
         "fact_sjlt", backend, acts.device,
         acts, grads, codes_in, codes_out, k_in, k_out, mask, bool(bias),

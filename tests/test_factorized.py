@@ -1,0 +1,329 @@
+"""Factorized ops (logra, fact_grass, fact_sjlt) against their contract (DESIGN.md §6):
+
+    factorized(X, Delta) == flat map applied to vec(G_i),  G_i = sum_t delta_t x_t^T
+
+with G_i materialised by ``reference.linear_grads`` (and, in ``test_real_two_layer_net``, by
+torch.func per-example gradients of a real network), on every kernel backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DTYPES, RTOL, backends_for, rel_err
+
+import grass_kernels as gk
+from grass_kernels import _tables, reference
+from grass_kernels.factorized import _materialized_path
+
+BACKENDS = backends_for("cpu")
+
+# (B, T, d_in, d_out): T = None means 2-D inputs (B, d), i.e. T = 1. Sizes avoid multiples of
+# any block size; "long" runs only on the native CPU kernel (the Triton interpreter is slow).
+SHAPES = {
+    "2d": (5, None, 37, 23),
+    "odd": (3, 17, 70, 45),
+    "d_out=1": (4, 9, 33, 1),
+    "long": (2, 1000, 19, 13),
+}
+TRITON_SHAPES = ("2d", "d_out=1")
+MASKS = (None, "bool", "float")
+
+
+def _inputs(shape, dtype, mask_kind, seed=0):
+    b, t, d_in, d_out = shape
+    g = torch.Generator().manual_seed(seed)
+    dims = (b,) if t is None else (b, t)
+    acts = torch.randn(*dims, d_in, generator=g).to(dtype)
+    grads = torch.randn(*dims, d_out, generator=g).to(dtype)
+    tokens = 1 if t is None else t
+    if mask_kind is None:
+        return acts, grads, None
+    keep = torch.rand(b, tokens, generator=g) > 0.3
+    keep[:, 0] = True  # every example keeps a token: the reference norm is never zero
+    if mask_kind == "bool":
+        return acts, grads, keep
+    return acts, grads, keep * torch.rand(b, tokens, generator=g)
+
+
+def _gradient(acts, grads, mask, bias):
+    """The materialised per-example gradients (B, d_out, d_in') of the reference."""
+    if acts.dim() == 2:
+        acts, grads = acts.unsqueeze(1), grads.unsqueeze(1)
+    m = None if mask is None else mask.float()
+    return reference.linear_grads(acts, grads, m, bias)
+
+
+def _dense_sjlt(d, k, c, seed):
+    """The SJLT as a dense (k, d) matrix, by pushing the identity through the reference."""
+    return reference.sjlt(torch.eye(d), _tables.sjlt_codes(d, k, c, seed), k).T
+
+
+def _kron(a, b):
+    """The Kronecker product (torch.kron rejects some size-1 strides)."""
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], -1)
+
+
+def _flat(matrix, gradient):
+    """The flat map applied to vec(G_i): (B, d_out, d_in') -> (B, rows of matrix)."""
+    return gradient.flatten(1) @ matrix.T
+
+
+# Each contract: (call the op, expected output from the materialised gradient G).
+def _logra(acts, grads, mask, bias, backend, k=(5, 7), **kw):
+    d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
+    p_in = _tables.gaussian_matrix(k[1], d_in, seed=11)
+    p_out = _tables.gaussian_matrix(k[0], d_out, seed=12)
+    out = gk.logra(
+        acts, grads, p_in=p_in, p_out=p_out, bias=bias, token_mask=mask, backend=backend, **kw
+    )
+    return out, _flat(_kron(p_out, p_in), _gradient(acts, grads, mask, bias))
+
+
+def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, **kw):
+    d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
+    in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, 9), seed=3)
+    out_idx = gk.random_indices(d_out, min(d_out, 6), seed=4)
+    out = gk.fact_grass(
+        acts, grads, k, in_indices=in_idx, out_indices=out_idx, c=c, seed=5, bias=bias,
+        token_mask=mask, backend=backend, **kw,
+    )
+    reduced = _gradient(acts, grads, mask, bias)[:, out_idx][:, :, in_idx].flatten(1)
+    scale = math.sqrt(d_out * d_in / reduced.shape[1])
+    expected = gk.sjlt(reduced * scale, k, c=c, seed=5, backend="reference")
+    return out, expected
+
+
+def _fact_sjlt(acts, grads, mask, bias, backend, k=(4, 8), c=2, **kw):
+    d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
+    out = gk.fact_sjlt(
+        acts, grads, k_in=k[1], k_out=k[0], c=c, seed_in=6, seed_out=7, bias=bias,
+        token_mask=mask, backend=backend, **kw,
+    )
+    kron = _kron(_dense_sjlt(d_out, k[0], c, 7), _dense_sjlt(d_in, k[1], c, 6))
+    return out, _flat(kron, _gradient(acts, grads, mask, bias))
+
+
+OPS = {"logra": _logra, "fact_grass": _fact_grass, "fact_sjlt": _fact_sjlt}
+
+
+def _cases():
+    for backend in BACKENDS:
+        for name, shape in SHAPES.items():
+            if backend == "triton" and name not in TRITON_SHAPES:
+                continue
+            for op in OPS:
+                yield pytest.param(backend, name, op, id=f"{backend}-{name}-{op}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,shape,op", list(_cases()))
+def test_contract(backend, shape, op, dtype):
+    for mask_kind in MASKS:
+        for bias in (False, True):
+            acts, grads, mask = _inputs(SHAPES[shape], dtype, mask_kind)
+            out, expected = OPS[op](acts, grads, mask, bias, backend)
+            assert out.dtype == torch.float32 and out.shape == expected.shape
+            err = rel_err(out, expected)
+            assert err < RTOL[dtype], (mask_kind, bias, err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fact_grass_all_input_columns(backend, bias):
+    """k_i' = d_in' (every input column kept, the bias column included)."""
+    acts, grads, mask = _inputs((3, 5, 11, 7), torch.float32, "bool")
+    out, expected = _fact_grass(acts, grads, mask, bias, backend, full_in=True)
+    assert rel_err(out, expected) < RTOL[torch.float32]
+
+
+def test_strided_inputs():
+    """Non-contiguous acts and grads (stride 2 inner dim, transposed) on the CPU kernel."""
+    acts = torch.randn(3, 10, 2 * 23)[:, :, ::2]
+    grads = torch.randn(3, 19, 10).transpose(1, 2)
+    for op in OPS.values():
+        out, expected = op(acts, grads, None, True, "cpu")
+        assert rel_err(out, expected) < RTOL[torch.float32]
+
+
+def test_out_dtype():
+    acts, grads, _ = _inputs(SHAPES["odd"], torch.float32, None)
+    out, expected = _fact_grass(acts, grads, None, False, "cpu", out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, expected) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("op", ["logra", "fact_sjlt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paths_agree(op, dtype):
+    """The fused path and the materialise-then-compress path give the same output."""
+    acts, grads, mask = _inputs((7, 13, 21, 10), dtype, "float")
+    fused, expected = OPS[op](acts, grads, mask, True, "cpu", path="factorized")
+    materialized, _ = OPS[op](acts, grads, mask, True, "cpu", path="materialize")
+    assert rel_err(materialized, fused) < 1e-5
+    assert rel_err(materialized, expected) < RTOL[dtype]
+
+
+def test_path_rule():
+    """The FLOP rule materialises long sequences through small layers, and only those."""
+    def choice(op, t, d):
+        acts, grads = torch.empty(1, t, d), torch.empty(1, t, d)
+        return _materialized_path("auto", op, acts, grads, False, 64, 64)
+
+    for op in ("logra", "fact_sjlt"):
+        assert choice(op, t=4096, d=16)
+        assert not choice(op, t=256, d=4096)
+    assert not choice("fact_sjlt", t=4096, d=256)
+
+
+def test_path_materialize_chunks(monkeypatch):
+    """The materialised path forms G_i for bounded chunks of examples, and chunks agree."""
+    import grass_kernels.factorized as fz
+
+    acts, grads, mask = _inputs((5, 4, 6, 3), torch.float32, "bool")
+    whole, _ = _fact_sjlt(acts, grads, mask, True, "cpu", path="materialize")
+    monkeypatch.setattr(fz, "_MATERIALIZE_FLOATS", 1)  # one example per chunk
+    chunked, expected = _fact_sjlt(acts, grads, mask, True, "cpu", path="materialize")
+    assert torch.equal(whole, chunked)
+    assert rel_err(chunked, expected) < RTOL[torch.float32]
+
+
+def test_deterministic_and_seeded():
+    """Same inputs and seed: bit-identical output (also when one example is split over
+    threads); another seed: a different map."""
+    acts, grads, mask = _inputs((1, 301, 40, 30), torch.float32, "bool")
+    run = lambda seed: gk.fact_sjlt(acts, grads, k_in=8, k_out=8, seed_in=seed, token_mask=mask)
+    assert torch.equal(run(0), run(0))
+    assert rel_err(run(1), run(0)) > 0.1
+    idx_in, idx_out = gk.random_indices(40, 9, seed=1), gk.random_indices(30, 7, seed=2)
+    grass = lambda seed: gk.fact_grass(
+        acts, grads, 64, in_indices=idx_in, out_indices=idx_out, seed=seed, token_mask=mask
+    )
+    assert torch.equal(grass(0), grass(0))
+    assert rel_err(grass(1), grass(0)) > 0.1
+
+
+def test_tables_identical_across_devices(device):
+    assert torch.equal(_tables.sjlt_codes(77, 16, 2, 9, device).cpu(), _tables.sjlt_codes(77, 16, 2, 9))
+    assert torch.equal(
+        _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu(),
+        _tables.gaussian_matrix(5, 33, seed=2),
+    )
+
+
+def test_real_two_layer_net():
+    """Against torch.func per-example gradients of a two-layer nn.Linear net whose per-example
+    loss skips padding tokens; the kernels get the output gradients of the unmasked loss plus
+    the token mask, so the mask (not a zero gradient) has to remove the padding."""
+    torch.manual_seed(0)
+    b, t, d0, h, d2 = 4, 6, 9, 11, 5
+    net = torch.nn.Sequential(torch.nn.Linear(d0, h), torch.nn.Tanh(), torch.nn.Linear(h, d2))
+    inputs, targets = torch.randn(b, t, d0), torch.randn(b, t, d2)
+    keep = torch.rand(b, t) > 0.3
+    keep[:, 0] = True
+    params = {name: p.detach() for name, p in net.named_parameters()}
+
+    def loss(p, x, y, m):  # one example: x (T, d0), y (T, d2), m (T,)
+        out = torch.func.functional_call(net, p, (x,))
+        return (((out - y) ** 2).sum(-1) * m).sum()
+
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(
+        params, inputs, targets, keep.float()
+    )
+
+    # Layer inputs and output gradients of the unmasked summed loss (= per-example deltas).
+    hidden = net[0](inputs)
+    hidden.retain_grad()
+    activated = net[1](hidden)
+    out = net[2](activated)
+    out.retain_grad()
+    ((out - targets) ** 2).sum().backward()
+    layers = {"0": (inputs, hidden.grad), "2": (activated.detach(), out.grad)}
+
+    for name, (acts, grads) in layers.items():
+        weight, bias = per_example[f"{name}.weight"], per_example[f"{name}.bias"]
+        gradient = torch.cat([weight, bias.unsqueeze(-1)], dim=-1)  # (B, d_out, d_in + 1)
+        for op in OPS.values():
+            out_k, expected = op(acts, grads, keep, True, "cpu")
+            # The contract's oracle built from torch.func's gradient instead of linear_grads.
+            assert rel_err(_gradient(acts, grads, keep, True), gradient) < 1e-5
+            assert rel_err(out_k, expected) < RTOL[torch.float32]
+        d_in = acts.shape[-1] + 1
+        p_in, p_out = _tables.gaussian_matrix(7, d_in, seed=11), _tables.gaussian_matrix(5, grads.shape[-1], seed=12)
+        direct = _flat(_kron(p_out, p_in), gradient)
+        got = gk.logra(acts, grads, p_in=p_in, p_out=p_out, bias=True, token_mask=keep)
+        assert rel_err(got, direct) < RTOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _good():
+    acts, grads = torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    return acts, grads, gk.random_indices(8, 4), gk.random_indices(5, 2)
+
+
+def _grass_call(acts=None, grads=None, in_indices=None, out_indices=None, **kw):
+    a, g, i, o = _good()
+    return gk.fact_grass(
+        a if acts is None else acts, g if grads is None else grads, 16,
+        in_indices=i if in_indices is None else in_indices,
+        out_indices=o if out_indices is None else out_indices, **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"grads": torch.randn(3, 3, 5)}, r"agree on \(B, T\)"),
+        ({"grads": torch.randn(2, 4, 5)}, r"agree on \(B, T\)"),
+        ({"in_indices": torch.tensor([0, 8])}, r"in_indices must lie in \[0, 8\)"),
+        ({"in_indices": torch.tensor([1, 1, 2])}, "in_indices has duplicate"),
+        ({"out_indices": torch.arange(6)}, "out_indices has 6 entries .* only 5"),
+        ({"token_mask": torch.ones(2, 4)}, r"token_mask must have shape \(B, T\) = \(2, 3\)"),
+        ({"c": 3}, "k must be divisible by c"),
+    ],
+)
+def test_bad_input_fact_grass(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _grass_call(**kwargs)
+
+
+def test_bad_input_types():
+    with pytest.raises(TypeError, match="acts must be float32"):
+        _grass_call(acts=torch.ones(2, 3, 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="in_indices must be int64 or int32"):
+        _grass_call(in_indices=torch.tensor([0.0, 1.0]))
+
+
+def test_bad_input_logra():
+    acts, grads, _, _ = _good()
+    p_in, p_out = torch.randn(4, 8), torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"p_in must have 9 columns \(bias=True adds one"):
+        gk.logra(acts, grads, p_in=p_in, p_out=p_out, bias=True)
+    with pytest.raises(ValueError, match="p_out must have 5 columns"):
+        gk.logra(acts, grads, p_in=p_in, p_out=torch.randn(3, 6))
+    with pytest.raises(ValueError, match="path must be one of"):
+        gk.logra(acts, grads, p_in=p_in, p_out=p_out, path="fast")
+
+
+def test_bad_input_fact_sjlt():
+    acts, grads, _, _ = _good()
+    with pytest.raises(ValueError, match="c .* must be at most k"):
+        gk.fact_sjlt(acts, grads, k_in=2, k_out=8, c=4)
+    with pytest.raises(ValueError, match="acts and grads must both be 2-D or both 3-D"):
+        gk.fact_sjlt(acts, grads[:, 0], k_in=4, k_out=4)
+
+
+def test_native_op_rejects_out_of_range_tables():
+    """Called directly (no Python checks), the kernel refuses tables that do not fit."""
+    acts, grads, idx_in, idx_out = _good()
+    codes = _tables.sjlt_codes(8, 16, 1, 0)
+    ops = torch.ops.grass_kernels
+    with pytest.raises(RuntimeError, match="in_indices must lie in"):
+        ops.fact_grass(acts, grads, torch.tensor([0, 9]), idx_out, codes[:4], 16, 1.0, None, True)
+    with pytest.raises(RuntimeError, match="buckets outside"):
+        ops.fact_grass(acts, grads, idx_in, idx_out, codes, 8, 1.0, None, False)
+    with pytest.raises(RuntimeError, match=r"codes_in must have shape \(9, c\)"):
+        ops.fact_sjlt(acts, grads, codes, _tables.sjlt_codes(5, 4, 1, 0), 16, 4, None, True)
