@@ -1,0 +1,268 @@
+// CPU (C++/OpenMP) kernels of the flat ops: sjlt, sjlt_transpose, grass.
+// Semantics: grass_kernels/reference.py. Inputs fp32/bf16/fp16 (fp64 compiles too), fp32
+// accumulation and output, 64-bit offsets into x everywhere.
+//
+// Why the kernels look like this (measured on the 2-core dev machine, N = 32, D = 1e6,
+// k = 4096, c = 1; numbers in bench/flat.py's table):
+// - SJLT is a scatter-add whose cost is one pass over x plus one 4-byte table load per
+//   (coordinate, copy). The table is shared by all rows, so a thread sweeps a tile of kTile
+//   coordinates for all of its rows before moving on: the table tile is then read from L1
+//   instead of once per row from L3 / DRAM (at D = 1e7, c = 4 the table is 160 MB).
+// - Rows are processed kRows at a time: one table load and one decode serve kRows scatters,
+//   and the kRows x-streams are independent, which hides the load latency of the scatter.
+// - Each thread owns whole output rows when there are enough rows (no reduction, the thread's
+//   output rows, rows * k * 4 bytes, stay in L2); with fewer rows than threads it takes a
+//   slice of D and accumulates into its own (N, k) buffer, summed at the end.
+// - The sign rides in the code's top bit (~b for -1): it is XORed into the float's sign bit
+//   instead of multiplying, and 1 / sqrt(c) (and grass's mask scale) is applied once to the
+//   k outputs instead of to every input.
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+
+namespace grass {
+namespace {
+
+// Rows per group: their values for one coordinate form one vector, so one table load, one
+// decode and one vector read-modify-write of the accumulator serve kLanes rows. The
+// accumulator is laid out (bucket, lane): the kLanes partial sums of a bucket share 32 bytes.
+// (Row-major (row, bucket) accumulators were 3x slower: rows k * 4 bytes apart alias in the
+// 4 KB store-to-load disambiguation, and each row paid its own scalar read-modify-write.)
+constexpr int kLanes = 8;
+using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
+using LaneBits = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+// Coordinates per tile when the table is too big for L2: the tile's codes (kTile * c * 4
+// bytes) are read from L1/L2 by every row group of the thread instead of once per group from
+// L3 / DRAM (the table is 160 MB at D = 1e7, c = 4).
+constexpr int64_t kTile = 4096;
+constexpr int64_t kTableInL2 = 1 << 16;  // codes (256 KB)
+// Below this many scatter-adds one thread is faster than waking the pool.
+constexpr int64_t kSerialWork = 1 << 15;
+
+inline float flip_sign(float v, int32_t code) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits ^= static_cast<uint32_t>(code) & 0x80000000u;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// Which column of x feeds table row m: m itself (sjlt, unit inner stride) or a masked column
+// (grass, any inner stride: only k' columns are read, so copying x would cost more than it saves).
+struct Identity {
+  int64_t operator()(int64_t m) const { return m; }
+};
+struct Gather {
+  const int64_t* idx;
+  int64_t stride;
+  int64_t operator()(int64_t m) const { return idx[m] * stride; }
+};
+
+// Calls f(std::integral_constant<int, C>) with C = c for the common small c, C = 0 (c read at
+// run time) otherwise, so the per-coordinate copy loop is unrolled where it matters.
+template <typename F>
+void with_copies(int64_t c, F&& f) {
+  switch (c) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// acc[b_j(m)][lane] += s_j(m) x[rows[lane], cols(m)] for m in [lo, hi). A group with fewer than
+// kLanes rows repeats its last row; those lanes are never read back.
+template <int C, typename scalar_t, typename Cols>
+void scatter_group(const scalar_t* const (&rows)[kLanes], Lanes* __restrict__ acc,
+                   const int32_t* __restrict__ codes, int64_t c_runtime, int64_t lo, int64_t hi,
+                   Cols cols) {
+  const int64_t c = C > 0 ? C : c_runtime;
+  for (int64_t m = lo; m < hi; ++m) {
+    const int64_t col = cols(m);
+    Lanes v;
+    for (int r = 0; r < kLanes; ++r) v[r] = static_cast<float>(rows[r][col]);
+    // A C-style cast between vector types of one size reinterprets the bits.
+    const LaneBits bits = (LaneBits)v;
+    const int32_t* code = codes + m * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const int32_t sign = static_cast<int32_t>(static_cast<uint32_t>(code[j]) & 0x80000000u);
+      acc[code_bucket(code[j])] += (Lanes)(bits ^ sign);
+    }
+  }
+}
+
+// Rows [r0, r1) of x over table rows [m0, m1) into acc, (groups, k) Lanes, group g holding rows
+// r0 + g * kLanes + lane.
+template <int C, typename scalar_t, typename Cols>
+void scatter_rows(const scalar_t* x, int64_t row_stride, int64_t r0, int64_t r1, Cols cols,
+                  const int32_t* codes, int64_t c, int64_t m0, int64_t m1, Lanes* acc,
+                  int64_t k) {
+  const int64_t tile = m1 - m0 <= kTableInL2 / c ? std::max<int64_t>(m1 - m0, 1) : kTile;
+  for (int64_t t0 = m0; t0 < m1; t0 += tile) {
+    const int64_t t1 = std::min(m1, t0 + tile);
+    for (int64_t g = 0; r0 + g * kLanes < r1; ++g) {
+      const scalar_t* rows[kLanes];
+      for (int r = 0; r < kLanes; ++r)
+        rows[r] = x + std::min(r0 + g * kLanes + r, r1 - 1) * row_stride;
+      scatter_group<C>(rows, acc + g * k, codes, c, t0, t1, cols);
+    }
+  }
+}
+
+int threads_for(int64_t work) {
+  return work < kSerialWork ? 1 : std::max(1, at::get_num_threads());
+}
+
+// Owning whole rows needs no reduction but balances only when rows split evenly (or there are
+// many of them); otherwise threads split the table rows and reduce their N * k partial sums.
+bool split_rows(int64_t n, int nt) { return n >= nt && (n % nt == 0 || n >= 8 * nt); }
+
+int64_t groups(int64_t rows) { return (rows + kLanes - 1) / kLanes; }
+
+// (scale *) the SJLT of x's rows through cols and codes (m_total, c): (n, k) fp32.
+template <typename scalar_t, typename Cols>
+at::Tensor scatter(const scalar_t* x, int64_t n, int64_t row_stride, int64_t m_total, Cols cols,
+                   const at::Tensor& codes, int64_t k, double scale,
+                   const at::TensorOptions& options) {
+  const int64_t c = codes.size(1);
+  const int32_t* code_ptr = codes.data_ptr<int32_t>();
+  const int nt = threads_for(n * m_total * c);
+  const bool by_rows = split_rows(n, nt);
+  // One (groups, k, kLanes) accumulator per thread; rows [row_lo(t), row_lo(t + 1)) by rows.
+  auto row_lo = [&](int64_t t) { return by_rows ? n * t / nt : 0; };
+  const int64_t max_groups = by_rows ? groups((n + nt - 1) / nt) : groups(n);
+  at::Tensor acc = at::zeros({nt, max_groups, k, kLanes}, options);
+  Lanes* acc_ptr = reinterpret_cast<Lanes*>(acc.data_ptr<float>());
+  with_copies(c, [&](auto copies) {
+    constexpr int C = decltype(copies)::value;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int t = 0; t < nt; ++t) {
+      const int64_t r0 = row_lo(t), r1 = by_rows ? row_lo(t + 1) : n;
+      const int64_t m0 = by_rows ? 0 : m_total * t / nt, m1 = by_rows ? m_total : m_total * (t + 1) / nt;
+      scatter_rows<C>(x, row_stride, r0, r1, cols, code_ptr, c, m0, m1,
+                      acc_ptr + t * max_groups * k, k);
+    }
+  });
+  // (nt, groups, k, lanes) -> rows (groups * lanes, k) per thread.
+  at::Tensor per_thread = acc.permute({0, 1, 3, 2}).reshape({nt, max_groups * kLanes, k});
+  if (!by_rows) return per_thread.sum(0).narrow(0, 0, n).mul_(scale);
+  at::Tensor out = at::empty({n, k}, options);
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t r0 = row_lo(t), rows = row_lo(t + 1) - r0;
+    out.narrow(0, r0, rows).copy_(per_thread[t].narrow(0, 0, rows));
+  }
+  return out.mul_(scale);
+}
+
+// A code outside [0, k) would write out of bounds: reject it before any kernel runs. One pass
+// over the table (4 * D * c bytes, ~3% of the x read at N = 32) that vectorises.
+void check_code_range(const at::Tensor& codes, int64_t k) {
+  const int32_t* p = codes.data_ptr<int32_t>();
+  const int64_t size = codes.numel();
+  int32_t largest = 0;
+#pragma omp parallel for reduction(max : largest) if (size > kSerialWork)
+  for (int64_t i = 0; i < size; ++i) largest = std::max(largest, p[i] ^ (p[i] >> 31));
+  TORCH_CHECK_VALUE(largest < k, "codes must hold buckets in [0, k = ", k, "); found bucket ",
+                    largest);
+}
+
+void check_k(int64_t k, const at::Tensor& codes) {
+  TORCH_CHECK_VALUE(k >= 1, "k must be positive, got ", k);
+  TORCH_CHECK_VALUE(codes.size(1) <= k, "codes has c = ", codes.size(1),
+                    " copies per coordinate but k = ", k, " (need c <= k)");
+}
+
+at::Tensor sjlt_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, int64_t k) {
+  check_float(x_in, "x", 2);
+  check_codes(codes_in, "codes", x_in.size(1), x_in);
+  check_k(k, codes_in);
+  const at::Tensor codes = codes_in.contiguous();
+  check_code_range(codes, k);
+  // Rows may be strided freely; columns must be adjacent for the streaming read.
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const auto options = x.options().dtype(at::kFloat);
+  at::Tensor out;
+  GRASS_DISPATCH_FLOATING(x.scalar_type(), "grass_kernels::sjlt (CPU)", [&] {
+    out = scatter(x.data_ptr<scalar_t>(), x.size(0), x.stride(0), x.size(1), Identity{}, codes,
+                  k, 1.0 / std::sqrt(static_cast<double>(codes.size(1))), options);
+  });
+  return out;
+}
+
+at::Tensor grass_cpu(const at::Tensor& x, const at::Tensor& indices_in, const at::Tensor& codes_in,
+                     int64_t k, double scale) {
+  check_float(x, "x", 2);
+  check_indices(indices_in, "indices", x);
+  check_codes(codes_in, "codes", indices_in.numel(), x);
+  check_k(k, codes_in);
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  check_code_range(codes, k);
+  const int64_t lo = indices.min().item<int64_t>(), hi = indices.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < x.size(1), "indices must lie in [0, ", x.size(1),
+                    "), got values in [", lo, ", ", hi, "]");
+  const auto options = x.options().dtype(at::kFloat);
+  const Gather cols{indices.data_ptr<int64_t>(), x.stride(1)};
+  at::Tensor out;
+  GRASS_DISPATCH_FLOATING(x.scalar_type(), "grass_kernels::grass (CPU)", [&] {
+    out = scatter(x.data_ptr<scalar_t>(), x.size(0), x.stride(0), indices.numel(), cols, codes,
+                  k, scale / std::sqrt(static_cast<double>(codes.size(1))), options);
+  });
+  return out;
+}
+
+// x[n, i] = sum_j s_j(i) y[n, b_j(i)] / sqrt(c): a gather, so every output is written once and
+// threads split (row block, D tile) pairs freely. y (N, k) is converted to contiguous fp32 up
+// front: it is D / k times smaller than the output, and the gathers then hit one layout.
+at::Tensor sjlt_transpose_cpu(const at::Tensor& y_in, const at::Tensor& codes_in) {
+  check_float(y_in, "y", 2);
+  check_codes(codes_in, "codes", codes_in.size(0), y_in);
+  const int64_t n = y_in.size(0), k = y_in.size(1), d = codes_in.size(0), c = codes_in.size(1);
+  check_k(k, codes_in);
+  const at::Tensor codes = codes_in.contiguous();
+  check_code_range(codes, k);
+  const at::Tensor y = y_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({n, d}, y.options());
+  const float* yp = y.data_ptr<float>();
+  const int32_t* cp = codes.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c)));
+  const int64_t row_blocks = (n + kLanes - 1) / kLanes, tiles = (d + kTile - 1) / kTile;
+  const int nt = threads_for(n * d * c);
+  with_copies(c, [&](auto copies) {
+    constexpr int C = decltype(copies)::value;
+    const int64_t cc = C > 0 ? C : c;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t i1 = std::min(d, (tile + 1) * kTile);
+        for (int64_t r = rb * kLanes; r < std::min(n, (rb + 1) * kLanes); ++r) {
+          const float* yr = yp + r * k;
+          float* orow = op + r * d;
+          for (int64_t i = tile * kTile; i < i1; ++i) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < cc; ++j)
+              acc += flip_sign(yr[code_bucket(cp[i * cc + j])], cp[i * cc + j]);
+            orow[i] = acc * inv;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(grass_kernels, CPU, m) {
+  m.impl("sjlt", &sjlt_cpu);
+  m.impl("sjlt_transpose", &sjlt_transpose_cpu);
+  m.impl("grass", &grass_cpu);
+}
+
+}  // namespace grass
