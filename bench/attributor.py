@@ -1,0 +1,95 @@
+"""Cost of ``Attributor.cache`` against a plain training step, side by side in one process.
+
+Model: transformers GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=768, n_head=12,
+vocab_size=1024, n_positions=128)), random weights, dropout off; batches of 4 x 128 tokens.
+Every nn.Linear / Conv1D is captured (9 layers: 4 per block + lm_head) at k = 4096 per layer.
+
+    training step = forward + backward of the mean loss with weight gradients (no optimizer)
+    cache         = Attributor.cache over the same batches (in-memory store), per batch;
+                    hessian="identity", so the one-time Fisher factorisation is timed apart
+
+The malloc thresholds of ENVIRONMENT.md are set for both sides (the process re-executes).
+
+    .venv/bin/python -m bench.attributor [--batches 4] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.nn import functional as F
+
+from bench.timing import ensure_malloc_env, format_table, measure
+
+
+def gpt2_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=768, n_head=12, vocab_size=1024, n_positions=128,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Per-example mean next-token cross-entropy: (B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    mask = batch["attention_mask"][:, 1:].float()
+    return (losses * mask).sum(1) / mask.sum(1)
+
+
+def main() -> None:
+    ensure_malloc_env()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k", type=int, default=4096)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    import grass
+
+    model = gpt2_model()
+    n = 4 * args.batches
+    ids = torch.randint(0, 1024, (n, 128), generator=torch.Generator().manual_seed(1))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batches = [{k: v[i:i + 4] for k, v in data.items()} for i in range(0, n, 4)]
+
+    def train_steps():
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, batch).mean().backward()
+
+    rows = []
+    for compressor in (grass.FactGraSS(k=args.k), grass.LoGra(k=args.k), grass.FactSJLT(k=args.k)):
+        attr = grass.Attributor(model, lm_loss, compressor, hessian="identity", batch_size=4,
+                                progress=False)
+        # Alternate the two sides so that load from other processes hits both alike.
+        train = measure(train_steps, repeats=args.repeats) / args.batches
+        cache = measure(lambda: attr.cache(data), repeats=args.repeats) / args.batches
+        model.zero_grad(set_to_none=True)
+        efim = grass.Attributor(model, lm_loss, compressor, batch_size=4, progress=False)
+        t0 = time.perf_counter()
+        efim.cache(batches[0])
+        fisher_once = time.perf_counter() - t0 - cache
+        rows.append({
+            "compressor": type(compressor).__name__,
+            "k per layer": args.k,
+            "cache / train step": f"{cache / train:.2f}",
+            "train step (s)": f"{train:.3f}",
+            "cache per batch (s)": f"{cache:.3f}",
+            "one-time efim factorisation (s)": f"{fisher_once:.1f}",
+        })
+    print(f"GPT-2 (2 layers, d=768, vocab 1024), batch 4x128, {len(attr.maps)} captured layers, "
+          f"{args.batches} batches per timing, median of {args.repeats}, malloc thresholds set")
+    print(format_table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
