@@ -1,0 +1,383 @@
+"""Flat compressors: sjlt, sjlt_transpose, random_indices, mask, grass, gaussian.
+
+Every kernel backend is compared with the pure-torch reference (the spec) on random inputs of
+odd sizes; the statistical tests check the maps themselves (unbiased, JL distortion) over many
+fixed seeds; the bad-input tests check that each wrong argument raises a named error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err
+
+import grass_kernels as gk
+from grass_kernels import _tables, reference
+
+BACKEND_CASES = [(device, backend) for device in DEVICES for backend in backends_for(device)]
+ALL_BACKENDS = BACKEND_CASES + [(device, "reference") for device in DEVICES]
+
+# (N, D, k, c): odd sizes, N = 1, c > 1; small enough for the Triton interpreter.
+SHAPES = [(1, 37, 8, 1), (5, 1001, 24, 3), (3, 2053, 64, 4)]
+# The CPU kernel's other paths: rows split evenly over threads, many rows, a D split with
+# per-thread partial sums (few rows), a table too large for one tile, k = c = 1.
+CPU_SHAPES = [(16, 5003, 32, 2), (37, 2001, 40, 5), (3, 70001, 128, 1), (2, 90001, 96, 4),
+              (7, 333, 1, 1)]
+
+
+def _cases(backend: str) -> list[tuple[int, int, int, int]]:
+    return SHAPES + (CPU_SHAPES if backend == "cpu" else [])
+
+
+def _random(shape, dtype, device, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+
+def _indices(d: int, seed: int) -> torch.Tensor:
+    return gk.random_indices(d, max(1, d // 3 + 1), seed=seed)
+
+
+# --- every backend equals the reference ------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sjlt_matches_reference(device, backend, dtype):
+    for n, d, k, c in _cases(backend):
+        x = _random((n, d), dtype, device, seed=d)
+        out = gk.sjlt(x, k, c=c, seed=7, backend=backend)
+        ref = gk.sjlt(x, k, c=c, seed=7, backend="reference")
+        assert out.dtype == torch.float32 and out.shape == (n, k)
+        assert rel_err(out, ref) < RTOL[dtype], (n, d, k, c)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sjlt_transpose_matches_reference(device, backend, dtype):
+    for n, d, k, c in _cases(backend):
+        y = _random((n, k), dtype, device, seed=k)
+        out = gk.sjlt_transpose(y, d, c=c, seed=3, backend=backend)
+        ref = gk.sjlt_transpose(y, d, c=c, seed=3, backend="reference")
+        assert out.dtype == torch.float32 and out.shape == (n, d)
+        assert rel_err(out, ref) < RTOL[dtype], (n, d, k, c)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grass_matches_reference(device, backend, dtype):
+    for n, d, k, c in _cases(backend):
+        x = _random((n, d), dtype, device, seed=n + d)
+        idx = _indices(d, seed=d).to(device)
+        out = gk.grass(x, k, indices=idx, c=c, seed=5, backend=backend)
+        ref = gk.grass(x, k, indices=idx, c=c, seed=5, backend="reference")
+        assert out.dtype == torch.float32 and out.shape == (n, k)
+        assert rel_err(out, ref) < RTOL[dtype], (n, d, k, c)
+
+
+def _non_contiguous(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of the same values with unusual strides (x is (N, D))."""
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1] + 3, dtype=x.dtype, device=x.device)
+    wide[:, 1 : 2 * x.shape[1] + 1 : 2] = x
+    tall = torch.zeros(2 * x.shape[0], x.shape[1] + 5, dtype=x.dtype, device=x.device)
+    tall[::2, : x.shape[1]] = x
+    return {
+        "transposed": x.T.contiguous().T,  # column-major: inner stride N
+        "column_step": wide[:, 1 : 2 * x.shape[1] + 1 : 2],  # inner stride 2
+        "row_step": tall[::2, : x.shape[1]],  # row stride 2 * (D + 5)
+    }
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(device, backend, dtype):
+    n, d, k, c = 6, 517, 32, 2
+    x = _random((n, d), dtype, device, seed=11)
+    y = _random((n, k), dtype, device, seed=12)
+    idx = _indices(d, seed=1).to(device)
+    ref_sjlt = reference.sjlt(x, _tables.sjlt_codes(d, k, c, 0, device), k)
+    ref_grass = reference.grass(
+        x, idx, _tables.sjlt_codes(idx.numel(), k, c, 0, device), k, math.sqrt(d / idx.numel())
+    )
+    ref_t = reference.sjlt_transpose(y, _tables.sjlt_codes(d, k, c, 0, device))
+    for name, view in _non_contiguous(x).items():
+        assert not view.is_contiguous() and torch.equal(view, x)
+        assert rel_err(gk.sjlt(view, k, c=c, backend=backend), ref_sjlt) < RTOL[dtype], name
+        out = gk.grass(view, k, indices=idx, c=c, backend=backend)
+        assert rel_err(out, ref_grass) < RTOL[dtype], name
+    for name, view in _non_contiguous(y).items():
+        out = gk.sjlt_transpose(view, d, c=c, backend=backend)
+        assert rel_err(out, ref_t) < RTOL[dtype], name
+
+
+# --- properties of the map --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("c", [1, 3])
+def test_adjoint(device, backend, c):
+    n, d, k = 4, 777, 48
+    x = _random((n, d), torch.float32, device, seed=1)
+    y = _random((n, k), torch.float32, device, seed=2)
+    lhs = (gk.sjlt(x, k, c=c, seed=9, backend=backend).double() * y.double()).sum()
+    rhs = (x.double() * gk.sjlt_transpose(y, d, c=c, seed=9, backend=backend).double()).sum()
+    assert abs(float(lhs - rhs)) < 1e-5 * float(x.norm() * y.norm())
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("c", [1, 2, 4])
+def test_exactly_c_distinct_buckets(device, backend, c):
+    """Column i of the sketch matrix (sjlt of e_i) has c entries +-1/sqrt(c), one per block."""
+    d, k = 300, 64
+    columns = gk.sjlt(torch.eye(d, device=device), k, c=c, seed=4, backend=backend).cpu()
+    nonzero = columns != 0
+    assert (nonzero.sum(1) == c).all()
+    assert torch.allclose(columns[nonzero].abs(), torch.full((d * c,), 1 / math.sqrt(c)))
+    blocks = nonzero.reshape(d, c, k // c).any(-1)  # (d, c): which blocks hold a bucket
+    assert blocks.all()
+    # Both signs occur, in roughly equal numbers.
+    assert abs(float((columns[nonzero] > 0).float().mean()) - 0.5) < 0.1
+
+
+def test_inner_products_unbiased():
+    """E<Su, Sv> = <u, v> over seeds: a z-test with the empirical standard error."""
+    d, k, draws = 200, 16, 3000
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(d, generator=g)
+    v = 0.6 * u + torch.randn(d, generator=g)
+    uv = torch.stack([u, v])
+    for c in (1, 4):
+        est = torch.tensor([float(gk.sjlt(uv, k, c=c, seed=s).prod(0).sum()) for s in range(draws)])
+        z = (est.mean() - u @ v) / (est.std() / math.sqrt(draws))
+        assert abs(float(z)) < 4.0, (c, float(z))
+        # Not an exact map: the estimates do vary (variance of order |u|^2 |v|^2 / k).
+        assert float(est.std()) > 0.1 * float(u.norm() * v.norm()) / math.sqrt(k)
+
+
+def _distance_ratios(project, points: torch.Tensor, seeds: range) -> torch.Tensor:
+    """|S(a - b)| / |a - b| over all pairs of points and all seeds."""
+    i, j = torch.triu_indices(points.shape[0], points.shape[0], offset=1)
+    diffs = points[i] - points[j]
+    return torch.cat([project(diffs, s).norm(dim=1) / diffs.norm(dim=1) for s in seeds])
+
+
+@pytest.mark.parametrize("c", [1, 4])
+def test_jl_distortion(c):
+    """D = 1000 -> k = 512: the squared-norm ratio has variance ~2/k, so the distance ratio
+    has standard deviation ~1/sqrt(2k) = 0.031 and mean |ratio - 1| ~0.025."""
+    d, k = 1000, 512
+    points = torch.randn(12, d, generator=torch.Generator().manual_seed(1))
+    ratios = _distance_ratios(lambda z, s: gk.sjlt(z, k, c=c, seed=s), points, range(40))
+    err = (ratios - 1).abs().mean()
+    assert err < 0.05
+    assert err > 0.25 / math.sqrt(2 * k)  # a real random map, not the identity on its support
+    assert abs(float((ratios**2).mean()) - 1) < 0.01  # unbiased squared norms
+
+
+def test_seed_determinism():
+    x = _random((3, 501), torch.float32, "cpu", seed=0)
+    for op in (
+        lambda s: gk.sjlt(x, 32, c=2, seed=s),
+        lambda s: gk.sjlt_transpose(x[:, :32], 501, c=2, seed=s),
+        lambda s: gk.grass(x, 32, indices=_indices(501, seed=s), c=2, seed=s),
+        lambda s: gk.gaussian(x, 32, seed=s),
+    ):
+        assert torch.equal(op(1), op(1))
+        assert not torch.allclose(op(1), op(2))
+    assert torch.equal(gk.random_indices(100, 10, seed=3), gk.random_indices(100, 10, seed=3))
+    assert not torch.equal(gk.random_indices(100, 10, seed=3), gk.random_indices(100, 10, seed=4))
+
+
+# --- mask, grass, random indices, gaussian ----------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grass_equals_sjlt_of_mask(device, backend, dtype):
+    n, d, k, c = 4, 1203, 40, 2
+    x = _random((n, d), dtype, device, seed=3)
+    idx = _indices(d, seed=2).to(device)
+    fused = gk.grass(x, k, indices=idx, c=c, seed=6, backend=backend)
+    unfused = gk.sjlt(gk.mask(x, idx), k, c=c, seed=6, backend=backend)
+    assert rel_err(fused, unfused) < RTOL[dtype]
+
+
+def test_mask_values():
+    x = _random((3, 50), torch.float32, "cpu", seed=0)
+    idx = torch.tensor([0, 7, 49, 20])
+    assert torch.equal(gk.mask(x, idx), x[:, idx] * math.sqrt(50 / 4))
+    assert gk.mask(x.bfloat16(), idx).dtype == torch.bfloat16
+
+
+def test_random_indices_uniform():
+    d, k, draws = 50, 10, 2000
+    counts = torch.zeros(d)
+    for s in range(draws):
+        idx = gk.random_indices(d, k, seed=s)
+        assert idx.dtype == torch.int64 and idx.shape == (k,)
+        assert (idx[1:] > idx[:-1]).all() and idx[0] >= 0 and idx[-1] < d  # sorted, distinct
+        counts[idx] += 1
+    # Each coordinate is kept with probability k / d: binomial counts, 5 standard deviations.
+    p = k / d
+    assert ((counts - draws * p).abs() < 5 * math.sqrt(draws * p * (1 - p))).all()
+
+
+def test_gaussian_matches_materialised_matrix():
+    x = _random((5, 301), torch.bfloat16, "cpu", seed=1)
+    out = gk.gaussian(x, 24, seed=2)
+    assert out.dtype == torch.float32 and out.shape == (5, 24)
+    ref = x.float() @ gk.gaussian_matrix(24, 301, seed=2).T
+    assert rel_err(out, ref) < RTOL[torch.float32]
+
+
+def test_gaussian_unbiased():
+    d, k, draws = 100, 8, 1500
+    g = torch.Generator().manual_seed(0)
+    uv = torch.randn(2, d, generator=g)
+    est = torch.tensor([float(gk.gaussian(uv, k, seed=s).prod(0).sum()) for s in range(draws)])
+    z = (est.mean() - uv[0] @ uv[1]) / (est.std() / math.sqrt(draws))
+    assert abs(float(z)) < 4.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tables_identical_across_devices():
+    assert torch.equal(_tables.sjlt_codes(1001, 64, 4, 3, "cuda").cpu(), _tables.sjlt_codes(1001, 64, 4, 3))
+    assert torch.equal(gk.random_indices(1000, 77, seed=5).cpu(), _tables.random_indices(1000, 77, seed=5, device="cuda").cpu())
+    assert torch.equal(gk.gaussian_matrix(16, 300, seed=1, device="cuda").cpu(), gk.gaussian_matrix(16, 300, seed=1))
+    x = _random((3, 1001), torch.float32, "cpu", seed=0)
+    assert rel_err(gk.sjlt(x.cuda(), 64, c=4, seed=3), gk.sjlt(x, 64, c=4, seed=3)) < 1e-5
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """N * D > 2**31 (bf16, 4.3 GB): rows past the 32-bit boundary, checked against the
+    reference on just those rows. The bulk holds one repeated random block, the checked rows
+    fresh values, so a wrapped offset reads different numbers."""
+    d, k, c = 1031, 16, 2
+    n = 2**31 // d + 3
+    x = torch.empty(n, d, dtype=torch.bfloat16)
+    block = _random((4096, d), torch.bfloat16, "cpu", seed=0)
+    for lo in range(0, n, 4096):
+        x[lo : lo + 4096] = block[: n - lo]
+    rows = torch.tensor([2**31 // d - 1, 2**31 // d, n - 2, n - 1])  # around and past 2**31
+    x[rows] = _random((len(rows), d), torch.bfloat16, "cpu", seed=1)
+    codes = _tables.sjlt_codes(d, k, c, 0)
+    out = gk.sjlt(x, k, c=c, backend="cpu")
+    assert rel_err(out[rows], reference.sjlt(x[rows], codes, k)) < RTOL[torch.bfloat16]
+    idx = torch.tensor([0, 5, 400, d - 1])
+    out = gk.grass(x, k, indices=idx, c=c, backend="cpu")
+    ref = reference.grass(x[rows], idx, _tables.sjlt_codes(4, k, c, 0), k, math.sqrt(d / 4))
+    assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+X = torch.randn(3, 40)
+
+
+SIZE_ERRORS = [(4, 8, "c .*at most k"), (10, 4, "divisible by c"), (0, 1, "k must be a positive"),
+               (-3, 1, "k must be a positive")]
+
+
+@pytest.mark.parametrize("k,c,match", SIZE_ERRORS)
+def test_bad_sizes(k, c, match):
+    with pytest.raises(ValueError, match=match):
+        gk.sjlt(X, k, c=c)
+    with pytest.raises(ValueError, match=match):
+        gk.grass(X, k, c=c, indices=torch.arange(5))
+
+
+@pytest.mark.parametrize("k,c,match", SIZE_ERRORS[:2])
+def test_bad_sizes_transpose(k, c, match):
+    """sjlt_transpose takes k from y's width."""
+    with pytest.raises(ValueError, match=match):
+        gk.sjlt_transpose(torch.randn(3, k), 40, c=c)
+
+
+def test_bad_k_type():
+    with pytest.raises(TypeError, match="k must be a positive int"):
+        gk.sjlt(X, 4.0)
+    with pytest.raises(ValueError, match="d must be a positive int"):
+        gk.sjlt_transpose(torch.randn(3, 8), 0)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        gk.gaussian(X, 0)
+
+
+@pytest.mark.parametrize("op", ["mask", "grass"])
+@pytest.mark.parametrize(
+    "indices,error,match",
+    [
+        (torch.arange(41), ValueError, "41 entries but the dimension it indexes is only 40"),
+        (torch.tensor([0, 40]), ValueError, r"must lie in \[0, 40\)"),
+        (torch.tensor([-1, 3]), ValueError, r"must lie in \[0, 40\)"),
+        (torch.tensor([3, 5, 3]), ValueError, "duplicate"),
+        (torch.tensor([[1, 2]]), ValueError, "must be 1-D"),
+        (torch.tensor([1.0, 2.0]), TypeError, "int64 or int32"),
+        (torch.tensor([], dtype=torch.int64), ValueError, "must not be empty"),
+    ],
+)
+def test_bad_indices(op, indices, error, match):
+    with pytest.raises(error, match=match):
+        if op == "mask":
+            gk.mask(X, indices)
+        else:
+            gk.grass(X, 8, indices=indices)
+
+
+@pytest.mark.parametrize("shape", [(40,), (2, 3, 40)])
+def test_wrong_ndim(shape):
+    x = torch.randn(*shape)
+    for call in (lambda: gk.sjlt(x, 8), lambda: gk.grass(x, 8, indices=torch.arange(4)),
+                 lambda: gk.mask(x, torch.arange(4)), lambda: gk.gaussian(x, 8),
+                 lambda: gk.sjlt_transpose(x, 40)):
+        with pytest.raises(ValueError, match=r"must have shape \(N, D\)"):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.complex64,
+                                   torch.float64])
+def test_bad_dtype(dtype):
+    x = torch.ones(3, 40, dtype=dtype)
+    for call in (lambda: gk.sjlt(x, 8), lambda: gk.grass(x, 8, indices=torch.arange(4)),
+                 lambda: gk.mask(x, torch.arange(4)), lambda: gk.gaussian(x, 8),
+                 lambda: gk.sjlt_transpose(x, 40)):
+        with pytest.raises(TypeError, match="must be float32, bfloat16 or float16"):
+            call()
+
+
+def test_device_mismatch():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    idx = torch.arange(4, device=other)
+    with pytest.raises(ValueError, match=f"indices is on {other}.* but x is on cpu"):
+        gk.grass(X, 8, indices=idx)
+    with pytest.raises(ValueError, match=f"indices is on {other}.* but x is on cpu"):
+        gk.mask(X, idx)
+
+
+def test_backend_device_mismatch():
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        gk.sjlt(X, 8, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gk.sjlt(X, 8, backend="numpy")
+
+
+def test_native_ops_reject_bad_tables():
+    """Called directly (no Python checks), the CPU ops still refuse tables that would read or
+    write out of bounds."""
+    ops = torch.ops.grass_kernels
+    codes = _tables.sjlt_codes(40, 8, 2, 0).clone()
+    codes[7, 1] = 8  # bucket 8 with k = 8
+    with pytest.raises(ValueError, match=r"buckets in \[0, k = 8\)"):
+        ops.sjlt(X, codes, 8)
+    codes[7, 1] = ~9  # negative sign, bucket 9
+    with pytest.raises(ValueError, match=r"buckets in \[0, k = 8\)"):
+        ops.sjlt_transpose(torch.randn(3, 8), codes)
+    good = _tables.sjlt_codes(3, 8, 2, 0)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 40\)"):
+        ops.grass(X, torch.tensor([1, 2, 40]), good, 8, 1.0)
+    with pytest.raises(RuntimeError, match="codes must have shape"):
+        ops.sjlt(X, good, 8)
+    with pytest.raises(RuntimeError, match="codes must be int32"):
+        ops.sjlt(X, _tables.sjlt_codes(40, 8, 2, 0).long(), 8)
