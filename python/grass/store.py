@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["GradientStore", "StoreError"]
+__all__ = ["GradientStore", "StoreError", "write_atomic"]
 
 VERSION = 1
 _DTYPES: dict[torch.dtype, tuple[str, np.dtype]] = {
@@ -46,7 +46,7 @@ class StoreError(ValueError):
     """A store on disk is truncated, corrupted, or does not match the requested configuration."""
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     """Replace `path` by `data` so that readers see the old or the new file, never a mix."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -208,7 +208,7 @@ class GradientStore:
             f.truncate(manifest["n_rows"] * manifest["width"] * itemsize)  # sparse until written
             os.fsync(f.fileno())
         # The manifest comes last: its presence means the store is complete and sized.
-        _write_atomic(os.path.join(path, "manifest.json"),
+        write_atomic(os.path.join(path, "manifest.json"),
                       json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     @staticmethod
@@ -302,7 +302,7 @@ class GradientStore:
         self._own.append((start, stop, self._crc(start, stop)))
         self._verified.add(self._own[-1])
         if self.path is not None:
-            _write_atomic(self._file("progress", f"{self.writer}.json"),
+            write_atomic(self._file("progress", f"{self.writer}.json"),
                           json.dumps([list(r) for r in self._own]).encode())
 
     # ----------------------------------------------------------------------------- reading
@@ -361,8 +361,8 @@ class GradientStore:
         data = raw.numpy().tobytes()
         meta = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                 "crc32": zlib.crc32(data)}
-        _write_atomic(self._file("arrays", f"{name}.bin"), data)
-        _write_atomic(self._file("arrays", f"{name}.json"), json.dumps(meta).encode())
+        write_atomic(self._file("arrays", f"{name}.bin"), data)
+        write_atomic(self._file("arrays", f"{name}.json"), json.dumps(meta).encode())
 
     def has_array(self, name: str) -> bool:
         if self.path is None:
