@@ -27,7 +27,8 @@ def ensure_malloc_env() -> None:
     if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
         return
     os.environ.update(MALLOC_ENV)
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+    # orig_argv keeps "-m package.module", which sys.argv turns into a file path.
+    os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
 
 
 def _sync(device: torch.device | str | None) -> None:

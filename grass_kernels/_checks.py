@@ -13,7 +13,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tables and index tensors are checked once per tensor version; the checks that need the
 # values (range, uniqueness) would otherwise sync the GPU on every call.
-_checked_indices: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# Keyed by id() (a WeakKeyDictionary compares tensors with ==, which is elementwise); a
+# finalizer drops the entry when the tensor dies, so a reused id never inherits a check.
+_checked_indices: dict[int, tuple] = {}
 
 
 def positive_int(name: str, value) -> int:
@@ -74,13 +76,15 @@ def indices(name: str, idx, d: int, ref_name: str, ref: torch.Tensor) -> torch.T
     if n > d:
         raise ValueError(f"{name} has {n} entries but the dimension it indexes is only {d}")
     key = (d, idx._version, idx.data_ptr())
-    if _checked_indices.get(idx) != key:
+    if _checked_indices.get(id(idx)) != key:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= d:
             raise ValueError(f"{name} must lie in [0, {d}); got values in [{lo}, {hi}]")
         if torch.unique(idx).numel() != n:
             raise ValueError(f"{name} has duplicate entries; a mask keeps each coordinate once")
-        _checked_indices[idx] = key
+        if id(idx) not in _checked_indices:
+            weakref.finalize(idx, _checked_indices.pop, id(idx), None)
+        _checked_indices[id(idx)] = key
     return idx.to(torch.int64)
 
 
