@@ -27,8 +27,8 @@ def scatter_to_buckets(out_rows, vals, pos, pos_mask, mask, codes_ptr, c, k, sca
     pos_mask  which ``pos`` are real (shape of ``pos``); ``mask`` which values to add
 
     The atomics are relaxed: nothing reads ``out`` until the kernel ends, so no ordering is
-    needed, and an unused result lets the compiler emit fire-and-forget reductions (RED)
-    that resolve in L2. A bucket outside [0, k) (a corrupt table passed straight to the op)
+    needed, and with the result unused ptxas emits fire-and-forget reductions (REDG in the
+    sm_90 SASS) that resolve in L2. A bucket outside [0, k) (a corrupt table passed straight to the op)
     is dropped rather than written out of bounds.
     """
     for j in range(c):
@@ -57,9 +57,11 @@ def load_inputs(ptrs, mask, cols, d, BIAS: tl.constexpr):
 def dot(a, b, acc, NATIVE: tl.constexpr):
     """acc + a @ b in fp32.
 
-    NATIVE: multiply in a's 16-bit dtype on tensor cores (exact for 16-bit inputs and +-1
-    tables). Otherwise both operands go to fp32 with IEEE products, for fp32 inputs (the spec
-    allows 1e-5) and under the interpreter, whose bf16 dot is broken (ENVIRONMENT.md).
+    NATIVE: multiply in a's 16-bit dtype on tensor cores, b cast to it: exact for 16-bit
+    inputs and +-1 sign tiles; LoGra's fp32 P rounds to 16 bits (relative error ~1e-3, inside
+    the 16-bit tolerance). Otherwise both operands go to fp32 with IEEE products: for fp32
+    inputs (the spec allows 1e-5, TF32 would not meet it) and under the interpreter, whose
+    bf16 dot is broken (ENVIRONMENT.md).
     """
     if NATIVE:
         return tl.dot(a, b.to(a.dtype), acc)

@@ -5,13 +5,13 @@ scatters it into out with atomics.
 
 Why atomics, and what keeps them cheap. out is N x k fp32 (1 MB at N = 64, k = 4096), so it
 stays in L2 and every atomic resolves there, never in DRAM; the atomics are relaxed and their
-result unused (fire-and-forget reductions); all N rows (up to 64) share one tile, so each
-table entry is loaded and decoded once per 64 rows. Alternatives that reduce the atomic count
-cost more elsewhere: privatising out per program needs a scatter into shared memory, which
-Triton only offers as a one-hot tl.dot of O(D * k) work (worth it for FactSJLT's k of 64,
-not for a flat k of thousands); an inverted table (coordinates per bucket) turns the scatter
-into a gather that reads x at random columns; per-chunk partial outputs write N * k floats per
-chunk, more than x itself at D / k chunks.
+result unused (fire-and-forget reductions); up to 64 rows share one tile, so each table
+entry is loaded and decoded once per 64 rows. Alternatives that cut the atomic count cost
+more elsewhere: privatising out per program needs a scatter into shared memory, which Triton
+only offers as a one-hot tl.dot of O(D * k) work (worth it for FactSJLT's k of 64, not for a
+flat k of thousands); an inverted table (coordinates per bucket) turns the scatter into a
+gather that reads x at random columns; per-chunk partial outputs write N * k floats per chunk
+(as much as x itself with chunks of k columns) and need a second reduction pass.
 """
 
 from __future__ import annotations
