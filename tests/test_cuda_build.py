@@ -1,0 +1,174 @@
+"""The CUDA part of the native extension: registered kernels, and (on a GPU) each launch path
+of the CUDA kernels against the reference.
+
+Which ops have CUDA kernels is fixed here (CUDA_OPS); grass_kernels._backend.GPU_DEFAULT must
+not route an op to "cuda" unless it is in that set. The registration tests skip, and say why,
+under the conditions in which setup.py leaves the CUDA sources out (a CPU-only torch, no nvcc,
+GRASS_KERNELS_CPU_ONLY=1); the kernel tests need a CUDA device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from torch.utils.cpp_extension import CUDA_HOME
+
+import grass_kernels as gk
+from grass_kernels import _backend, reference
+from grass_kernels._library import NATIVE_ERROR
+
+from conftest import DTYPES, RTOL, rel_err
+
+CUDA_OPS = ("sjlt", "sjlt_transpose", "grass", "fact_grass", "fact_sjlt")
+ALL_OPS = ("sjlt", "sjlt_transpose", "grass", "logra", "fact_grass", "fact_sjlt")
+
+
+def _registration_skip_reason() -> str | None:
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build: the extension has no CUDA kernels to check"
+    if os.environ.get("GRASS_KERNELS_CPU_ONLY") == "1":
+        return "GRASS_KERNELS_CPU_ONLY=1: the extension was built without its CUDA sources"
+    if not (shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME or "", "bin", "nvcc"))):
+        return "nvcc is not found: setup.py builds the extension without its CUDA sources"
+    if NATIVE_ERROR is not None:
+        return f"the native extension is not built: {NATIVE_ERROR}"
+    return None
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"grass_kernels::{op}", "CUDA")
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_cuda_kernel_registration(op):
+    reason = _registration_skip_reason()
+    if reason:
+        print(f"skipping: {reason}")
+        pytest.skip(reason)
+    assert _has_cuda_kernel(op) == (op in CUDA_OPS), (
+        f"grass_kernels::{op}: CUDA kernel registered = {_has_cuda_kernel(op)}, expected "
+        f"{op in CUDA_OPS}. A CPU-only build? Rebuild with CUDA (`make build`), or run the "
+        "tests with GRASS_KERNELS_CPU_ONLY=1 as the build was."
+    )
+
+
+def test_gpu_defaults_only_name_registered_cuda_kernels():
+    routed = {op for op, backend in _backend.GPU_DEFAULT.items() if backend == "cuda"}
+    missing = routed - set(CUDA_OPS)
+    assert not missing, f"GPU_DEFAULT routes {missing} to CUDA, which has no kernel for them"
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _randn(*shape, dtype=torch.float32, gen=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype).cuda()
+
+
+# (N, D, k, c): rows-per-block groups with a ragged last group, ragged vector tails, many chunks
+# per row, k too large for shared memory (global-atomics path), c > 1 and c = k.
+FLAT_CASES = [(1, 1, 1, 1), (5, 1003, 64, 4), (9, 70001, 512, 2), (3, 4099, 96, 96),
+              (2, 333, 65536, 2)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,k,c", FLAT_CASES)
+def test_flat_cuda_matches_reference(n, d, k, c, dtype):
+    g = torch.Generator().manual_seed(n * 7 + d)
+    x = _randn(n, d, dtype=dtype, gen=g)
+    codes = gk.sjlt_codes(d, k, c, seed=3, device="cuda")
+    ref = reference.sjlt(x, codes, k)
+    assert rel_err(torch.ops.grass_kernels.sjlt(x, codes, k), ref) < RTOL[dtype]
+    # A non-contiguous view with unit column stride (odd row stride: scalar loads) and a
+    # column-strided one (copied).
+    wide = _randn(n, d + 3, dtype=dtype, gen=g)
+    for view in (wide[:, 1:-2], wide.T.contiguous().T[:, :d]):
+        out = torch.ops.grass_kernels.sjlt(view, codes, k)
+        assert rel_err(out, reference.sjlt(view, codes, k)) < RTOL[dtype]
+
+    y = _randn(n, k, dtype=dtype, gen=g)
+    out_t = torch.ops.grass_kernels.sjlt_transpose(y, codes)
+    assert rel_err(out_t, reference.sjlt_transpose(y, codes)) < RTOL[dtype]
+
+    kp = max(1, d // 3)
+    idx = gk.random_indices(d, kp, seed=5).cuda()
+    gcodes = gk.sjlt_codes(kp, k, c, seed=4, device="cuda")
+    scale = math.sqrt(d / kp)
+    out_g = torch.ops.grass_kernels.grass(x, idx, gcodes, k, scale)
+    assert rel_err(out_g, reference.grass(x, idx, gcodes, k, scale)) < RTOL[dtype]
+
+
+# (B, T, d_in, d_out, k_i', k_o', k, c, bias): T = 1, many token splits with a ragged last step,
+# several 128-tiles per side with ragged edges, d_out = 1, k_i' = d_in + bias (bias column
+# selected), k too large for shared memory.
+FACT_CASES = [
+    (3, 1, 17, 9, 5, 4, 32, 1, False),
+    (2, 1000, 40, 33, 41, 16, 256, 4, True),
+    (2, 77, 300, 1, 257, 1, 128, 2, True),
+    (1, 45, 200, 260, 150, 140, 64, 64, False),
+    (2, 5, 30, 20, 10, 10, 65536, 1, False),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FACT_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fact_grass_cuda_matches_reference(case, dtype, masked):
+    b, t, d_in, d_out, ki, ko, k, c, bias = case
+    g = torch.Generator().manual_seed(b * 1000 + t)
+    acts = _randn(b, t, d_in, dtype=dtype, gen=g)
+    grads = _randn(b, t, d_out, dtype=dtype, gen=g)
+    mask = (torch.rand(b, t, generator=g) > 0.3).float().cuda() if masked else None
+    in_idx = gk.random_indices(d_in + bias, ki, seed=1).cuda()
+    out_idx = gk.random_indices(d_out, ko, seed=2).cuda()
+    codes = gk.sjlt_codes(ki * ko, k, c, seed=6, device="cuda")
+    scale = math.sqrt(d_out * (d_in + bias) / (ki * ko))
+    args = (acts, grads, in_idx, out_idx, codes, k, scale, mask, bias)
+    out = torch.ops.grass_kernels.fact_grass(*args)
+    assert rel_err(out, reference.fact_grass(*args)) < RTOL[dtype]
+
+
+# (B, T, d_in, d_out, k_in, k_out, c, bias): as above, with several 128-tiles on each side and
+# ragged edges, c = k_out.
+FACT_SJLT_CASES = [
+    (3, 1, 17, 9, 8, 4, 1, False),
+    (2, 1000, 40, 33, 160, 64, 4, True),
+    (2, 77, 300, 1, 258, 2, 2, True),
+    (1, 45, 200, 260, 192, 320, 64, False),
+    (2, 5, 30, 20, 48, 16, 16, False),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FACT_SJLT_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fact_sjlt_cuda_matches_reference(case, dtype, masked):
+    b, t, d_in, d_out, k_in, k_out, c, bias = case
+    g = torch.Generator().manual_seed(b * 1000 + t + 1)
+    acts = _randn(b, t, d_in, dtype=dtype, gen=g)
+    grads = _randn(b, t, d_out, dtype=dtype, gen=g)
+    mask = (torch.rand(b, t, generator=g) > 0.3).float().cuda() if masked else None
+    codes_in = gk.sjlt_codes(d_in + bias, k_in, c, seed=7, device="cuda")
+    codes_out = gk.sjlt_codes(d_out, k_out, c, seed=8, device="cuda")
+    args = (acts, grads, codes_in, codes_out, k_in, k_out, mask, bias)
+    out = torch.ops.grass_kernels.fact_sjlt(*args)
+    assert rel_err(out, reference.fact_sjlt(*args)) < RTOL[dtype]
+
+
+@needs_gpu
+def test_cuda_kernels_run_on_the_current_stream():
+    x = _randn(4, 5000)
+    codes = gk.sjlt_codes(5000, 256, 2, seed=0, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x_side = x * 1.0  # produced on the side stream: the kernel must wait for it there
+        out = torch.ops.grass_kernels.sjlt(x_side, codes, 256)
+    side.synchronize()
+    assert rel_err(out, reference.sjlt(x, codes, 256)) < RTOL[torch.float32]
