@@ -22,9 +22,14 @@
 // copy-out and the SJLT scatter are linear, so partial results add).
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
 
@@ -34,6 +39,12 @@ namespace {
 // Floats per tile (U, V and converted input rows) per thread: ~1 MB, the L2 of this CPU.
 constexpr int64_t kTileFloats = 1 << 18;
 constexpr int64_t kMaxTileRows = 512;
+// How many token rows ahead fact_grass prefetches its gathered columns.
+constexpr int64_t kPrefetchRows = 4;
+// fact_sjlt sketches this many tokens at once, as one fp32 vector per bucket (AVX-512 width),
+// after transposing kBlock coordinates of them into an L1 buffer (kBlock x kLanes floats).
+constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = 64;
 
 // One (B, T, d) input, read row by row into fp32, whatever its dtype and strides.
 struct Rows {
@@ -61,6 +72,16 @@ void gather_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_
       dst[j] = off[j] < 0 ? m : m * static_cast<float>(x[off[j]]);
     }
   });
+}
+
+// Asks for the cache lines of row (b, t) that gather_row will read: a gather of k' scattered
+// columns is latency-bound otherwise (one miss per column), fetched a few rows ahead it
+// streams like a read.
+void prefetch_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_t n) {
+  const char* row = in.row(b, t);
+  for (int64_t j = 0; j < n; ++j) {
+    if (off[j] >= 0) __builtin_prefetch(row + off[j] * in.itemsize);
+  }
 }
 
 // dst[i] = x[i] for the n = d features of row (b, t); a unit stride gets a vectorisable loop.
@@ -109,26 +130,134 @@ struct Sketch {
   }
 };
 
-// dst (k) = SJLT of m * x_row (n = d features), plus the virtual bias input (value m) when
-// the table has a row for it.
-void sketch_row(const Rows& in, int64_t b, int64_t t, int64_t n, bool bias, float m,
-                const Sketch& sk, int64_t k, float* dst) {
-  std::fill(dst, dst + k, 0.0f);
-  if (m == 0.0f) return;
-  GRASS_DISPATCH_FLOATING(in.dtype, "sketch_row", [&] {
-    const auto* x = reinterpret_cast<const scalar_t*>(in.row(b, t));
-    for (int64_t i = 0; i < n; ++i) sk.add(i, m * static_cast<float>(x[i * in.sd]), dst);
-  });
-  if (bias) sk.add(n, m, dst);
+// Adds the kLanes-token vectors of coordinates i0 .. i0 + width - 1, xt[q * kLanes + lane],
+// into their buckets: vt[h * ld + lane] += s / sqrt(c) * xt[...], c copies per coordinate.
+void scatter_block(const float* xt, int64_t i0, int64_t width, const Sketch& sk, float* vt,
+                   int64_t ld) {
+  for (int64_t q = 0; q < width; ++q) {
+    const float* col = xt + q * kLanes;
+    for (int64_t e = (i0 + q) * sk.c; e < (i0 + q + 1) * sk.c; ++e) {
+      float* __restrict dst = vt + sk.bucket[e] * ld;
+      const float w = sk.weight[e];
+#pragma GCC ivdep
+      for (int64_t r = 0; r < kLanes; ++r) dst[r] += w * col[r];
+    }
+  }
 }
 
-// A (n_out x n_in) += U^T V with U (rows x n_out), V (rows x n_in), all row-major fp32.
-void accumulate_outer(int64_t rows, int64_t n_out, int64_t n_in, float* u, float* v, float* a) {
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is fp32's top half
+}
+
+// Transposes 16 rows of 16 floats in registers: afterwards v[j] holds coordinate j of rows
+// 0..15. 32-bit, then 64-bit interleaves within 128-bit lanes, then two 128-bit lane shuffles.
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
+  for (int i = 0; i < 4; ++i) {  // v[4i + j], lane L: coordinate 4L + j of rows 4i .. 4i + 3
+    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 s0 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x44);
+    const __m512 s1 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xEE);
+    const __m512 s2 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x44);
+    const __m512 s3 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xEE);
+    t[j] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+    t[j + 4] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+    t[j + 8] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+    t[j + 12] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
+  }
+  for (int j = 0; j < 16; ++j) v[j] = t[j];
+}
+
+// The vector path of sketch_tokens for unit-stride fp32/fp16/bf16 rows: 16 coordinates of the
+// 16 rows per step, transposed in registers; returns how many coordinates it covered.
+template <typename scalar_t>
+int64_t sketch_tokens_avx512(const scalar_t* const* x, const float* m, int64_t n,
+                             const Sketch& sk, float* vt, int64_t ld) {
+  const int64_t covered = n / kLanes * kLanes;
+  for (int64_t i0 = 0; i0 < covered; i0 += kLanes) {
+    __m512 v[16];
+    for (int r = 0; r < 16; ++r) {
+      v[r] = x[r] ? _mm512_mul_ps(load16(x[r] + i0), _mm512_set1_ps(m[r])) : _mm512_setzero_ps();
+    }
+    transpose16(v);
+    for (int q = 0; q < 16; ++q) {  // scatter_block with the columns still in registers
+      for (int64_t e = (i0 + q) * sk.c; e < (i0 + q + 1) * sk.c; ++e) {
+        float* dst = vt + sk.bucket[e] * ld;
+        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(sk.weight[e]), v[q],
+                                              _mm512_loadu_ps(dst)));
+      }
+    }
+  }
+  return covered;
+}
+#endif
+
+// Sketches token rows t0 .. t0 + lanes - 1 (lanes <= kLanes) of example b, row r scaled by
+// m[r]: vt[h * ld + r] = sum_i s(i) / sqrt(c) * m[r] * x_r[i] over coordinates i with bucket h,
+// plus the virtual bias input (value m[r]) when bias. vt holds k rows of kLanes floats (row
+// stride ld) and is zeroed here. A scatter per element would cost a dependent load and store
+// each; transposing the kLanes rows, a block of coordinates at a time, turns it into one
+// kLanes-wide multiply-add per (coordinate, copy), vectorised over tokens.
+void sketch_tokens(const Rows& in, int64_t b, int64_t t0, int64_t lanes, int64_t n, bool bias,
+                   const float* m, const Sketch& sk, int64_t k, float* vt, int64_t ld) {
+  for (int64_t h = 0; h < k; ++h) std::fill(vt + h * ld, vt + h * ld + kLanes, 0.0f);
+  alignas(64) float xt[kBlock * kLanes];
+  GRASS_DISPATCH_FLOATING(in.dtype, "sketch_tokens", [&] {
+    const scalar_t* x[kLanes];  // nullptr: a padding lane or a masked token, read as zeros
+    for (int64_t r = 0; r < kLanes; ++r) {
+      x[r] = r < lanes && m[r] != 0.0f
+                 ? reinterpret_cast<const scalar_t*>(in.row(b, t0 + r))
+                 : nullptr;
+    }
+    int64_t start = 0;
+#if defined(__AVX512F__)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (in.sd == 1) start = sketch_tokens_avx512<scalar_t>(x, m, n, sk, vt, ld);
+    }
+#endif
+    for (int64_t i0 = start; i0 < n; i0 += kBlock) {
+      const int64_t width = std::min(kBlock, n - i0);
+      for (int64_t r = 0; r < kLanes; ++r) {
+        for (int64_t q = 0; q < width; ++q) {
+          xt[q * kLanes + r] = x[r] ? m[r] * static_cast<float>(x[r][(i0 + q) * in.sd]) : 0.0f;
+        }
+      }
+      scatter_block(xt, i0, width, sk, vt, ld);
+    }
+  });
+  if (!bias) return;
+  for (int64_t e = n * sk.c; e < (n + 1) * sk.c; ++e) {
+    float* dst = vt + sk.bucket[e] * ld;
+    for (int64_t r = 0; r < kLanes; ++r) dst[r] += sk.weight[e] * m[r];
+  }
+}
+
+// A (n_out x n_in) += U^T V over `rows` tokens, fp32. The tiles U (tokens x n_out) and
+// V (tokens x n_in) are row-major when ld == 0, else token-minor: (token r, feature j) at
+// j * ld + r.
+void accumulate_outer(int64_t rows, int64_t n_out, int64_t n_in, float* u, float* v, float* a,
+                      int64_t ld) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto tile = [&](float* p, int64_t n) {
+    return ld ? at::from_blob(p, {rows, n}, {1, ld}, opts) : at::from_blob(p, {rows, n}, opts);
+  };
   auto A = at::from_blob(a, {n_out, n_in}, opts);
-  auto U = at::from_blob(u, {rows, n_out}, opts);
-  auto V = at::from_blob(v, {rows, n_in}, opts);
-  A.addmm_(U.t(), V);
+  A.addmm_(tile(u, n_out).t(), tile(v, n_in));
 }
 
 // Y (rows x k) = X P^T: X (rows x d) with row stride ldx, P (k x d) with row stride ldp.
@@ -156,21 +285,31 @@ struct TokenMask {
   float operator()(int64_t b, int64_t t) const { return ptr ? ptr[b * T + t] : 1.0f; }
 };
 
-// The shared driver. fill(b, t0, rows, U, V, scratch) fills the tiles for tokens
-// [t0, t0 + rows) of example b; finish(A, dst) adds example (chunk) results into dst (width).
+// The shared driver. fill(b, t0, rows, stride, U, V, scratch) fills the tiles for tokens
+// [t0, t0 + rows) of example b (stride: the row length of token-minor tiles); finish(A, dst) adds example (chunk) results into dst (width).
 // scratch_floats: per-row scratch the fill needs (e.g. one converted input row).
+// token_minor: the fill writes token-minor tiles (see accumulate_outer) in whole groups of
+// kLanes tokens, so the tile length is a multiple of kLanes.
 template <class Fill, class Finish>
 at::Tensor factorized_driver(const at::Tensor& acts, int64_t n_out, int64_t n_in,
-                             int64_t scratch_floats, int64_t width, const Fill& fill,
-                             const Finish& finish) {
+                             int64_t scratch_floats, int64_t width, bool token_minor,
+                             const Fill& fill, const Finish& finish) {
   const int64_t B = acts.size(0), T = acts.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = B >= threads ? 1 : std::min<int64_t>(T, (threads + B - 1) / B);
   const int64_t per_row = n_in + n_out + scratch_floats;
   const int64_t chunk_rows = (T + chunks - 1) / chunks;
-  const int64_t tile =
-      std::min({std::max<int64_t>(1, kTileFloats / per_row), kMaxTileRows, chunk_rows});
-  const int64_t per_thread = tile * per_row + n_out * n_in;
+  int64_t tile = std::min({std::max<int64_t>(1, kTileFloats / per_row), kMaxTileRows, chunk_rows});
+  // Token-minor tiles: feature rows of `stride` floats, room for `tile` tokens. The fill
+  // updates one kLanes-float line in each of k rows per token group; a stride of an odd
+  // number of cache lines spreads those lines over all L1 sets (a power of two, e.g. 256
+  // tokens = 1 KB, would pile them into a few sets and evict them constantly).
+  int64_t stride = tile;
+  if (token_minor) {
+    tile = (tile + kLanes - 1) / kLanes * kLanes;
+    stride = tile / kLanes % 2 ? tile : tile + kLanes;
+  }
+  const int64_t per_thread = stride * per_row + n_out * n_in;
   auto fopts = acts.options().dtype(at::kFloat);
   // Workspace from ATen's allocator, so memory profilers see it like any other allocation.
   auto workspace = at::empty({threads, per_thread}, fopts);
@@ -180,17 +319,17 @@ at::Tensor factorized_driver(const at::Tensor& acts, int64_t n_out, int64_t n_in
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t lo, int64_t hi) {
     float* u = ws + at::get_thread_num() * per_thread;
-    float* v = u + tile * n_out;
-    float* scratch = v + tile * n_in;
-    float* acc = scratch + tile * scratch_floats;
+    float* v = u + stride * n_out;
+    float* scratch = v + stride * n_in;
+    float* acc = scratch + stride * scratch_floats;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / chunks, chunk = item % chunks;
       const int64_t t_end = std::min(T, (chunk + 1) * chunk_rows);
       std::fill(acc, acc + n_out * n_in, 0.0f);
       for (int64_t t0 = chunk * chunk_rows; t0 < t_end; t0 += tile) {
         const int64_t rows = std::min(tile, t_end - t0);
-        fill(b, t0, rows, u, v, scratch);
-        accumulate_outer(rows, n_out, n_in, u, v, acc);
+        fill(b, t0, rows, stride, u, v, scratch);
+        accumulate_outer(rows, n_out, n_in, u, v, acc, token_minor ? stride : 0);
       }
       finish(acc, out_ptr + item * width);
     }
@@ -233,9 +372,14 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   const TokenMask mask(token_mask, acts.size(1));
   const float s = static_cast<float>(scale);
 
-  auto fill = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*) {
+  const int64_t T = acts.size(1);
+  auto fill = [&](int64_t b, int64_t t0, int64_t rows, int64_t, float* u, float* v, float*) {
     for (int64_t r = 0; r < rows; ++r) {
       const float m = mask(b, t0 + r);
+      if (t0 + r + kPrefetchRows < T) {
+        prefetch_row(g, b, t0 + r + kPrefetchRows, oo, n_out);
+        prefetch_row(x, b, t0 + r + kPrefetchRows, oi, n_in);
+      }
       gather_row(g, b, t0 + r, oo, n_out, 1.0f, u + r * n_out);
       if (m == 0.0f) {
         std::fill(v + r * n_in, v + (r + 1) * n_in, 0.0f);  // padding: skip the read
@@ -247,7 +391,7 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   auto finish = [&](const float* acc, float* dst) {
     for (int64_t e = 0; e < n_out * n_in; ++e) sk.add(e, s * acc[e], dst);
   };
-  return factorized_driver(acts, n_out, n_in, 0, k, fill, finish);
+  return factorized_driver(acts, n_out, n_in, 0, k, false, fill, finish);
 }
 
 at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::Tensor& p_in,
@@ -287,7 +431,7 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
     for (int64_t r = 0; r < rows; ++r) load_row(in, b, t0 + r, d, buf + r * d);
     project(rows, d, k, buf, d, p, ldp, y);
   };
-  auto fill = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float* buf) {
+  auto fill = [&](int64_t b, int64_t t0, int64_t rows, int64_t, float* u, float* v, float* buf) {
     project_rows(x, direct_x, d_in, b, t0, rows, pin, d_in + bias, k_in, v, buf);
     if (pb || mask.ptr) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -299,7 +443,7 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
     project_rows(g, direct_g, d_out, b, t0, rows, pout, d_out, k_out, u, buf);
   };
   auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
-  return factorized_driver(acts, k_out, k_in, scratch, k_out * k_in, fill, finish);
+  return factorized_driver(acts, k_out, k_in, scratch, k_out * k_in, false, fill, finish);
 }
 
 at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
@@ -314,14 +458,21 @@ at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
   const Rows x(acts), g(grads);
   const TokenMask mask(token_mask, acts.size(1));
 
-  auto fill = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*) {
-    for (int64_t r = 0; r < rows; ++r) {
-      sketch_row(x, b, t0 + r, d_in, bias, mask(b, t0 + r), sk_in, k_in, v + r * k_in);
-      sketch_row(g, b, t0 + r, d_out, false, 1.0f, sk_out, k_out, u + r * k_out);
+  // Token-minor tiles: feature rows of ld floats, tokens in groups of kLanes.
+  auto fill = [&](int64_t b, int64_t t0, int64_t rows, int64_t ld, float* u, float* v, float*) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, rows - r0);
+      float m[kLanes], ones[kLanes];
+      for (int64_t r = 0; r < kLanes; ++r) {
+        m[r] = r < lanes ? mask(b, t0 + r0 + r) : 0.0f;
+        ones[r] = r < lanes ? 1.0f : 0.0f;
+      }
+      sketch_tokens(x, b, t0 + r0, lanes, d_in, bias, m, sk_in, k_in, v + r0, ld);
+      sketch_tokens(g, b, t0 + r0, lanes, d_out, false, ones, sk_out, k_out, u + r0, ld);
     }
   };
   auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
-  return factorized_driver(acts, k_out, k_in, 0, k_out * k_in, fill, finish);
+  return factorized_driver(acts, k_out, k_in, 0, k_out * k_in, true, fill, finish);
 }
 
 }  // namespace
