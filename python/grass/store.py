@@ -197,6 +197,19 @@ class GradientStore:
         store._own = [tuple(r) for r in store._progress().get(writer, [])]
         return store
 
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, writer: str = "main") -> GradientStore:
+        """Reopen the store at `path` with the configuration its manifest records."""
+        manifest_path = os.path.join(os.fspath(path), "manifest.json")
+        if not os.path.exists(manifest_path):
+            raise StoreError(f"{path} is not a gradient store: it has no manifest.json")
+        m = _read_json(manifest_path)
+        try:
+            return cls.open(path, config=m["config"], n_rows=m["n_rows"], layers=dict(m["layers"]),
+                            dtype=_BY_NAME[m["dtype"]], writer=writer)
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{manifest_path} is corrupted (bad or missing field {e})") from None
+
     @staticmethod
     def _create(path: str, manifest: dict[str, Any], itemsize: int) -> None:
         if os.path.isdir(path) and os.listdir(path):
