@@ -11,6 +11,12 @@ Every nn.Linear / Conv1D is captured (9 layers: 4 per block + lm_head) at k = 40
 The malloc thresholds of ENVIRONMENT.md are set for both sides (the process re-executes).
 
     .venv/bin/python -m bench.attributor [--batches 4] [--repeats 5]
+
+``--damping`` instead measures LDS against the relative damping on the digits benchmark
+(grass.data, 1000 train / 100 test, 3 checkpoints, 50 retrained half subsets; the ground truth
+is cached in bench/results/digits_lds.npz): the evidence behind grass's DEFAULT_DAMPING.
+
+    .venv/bin/python -m bench.attributor --damping
 """
 
 from __future__ import annotations
@@ -44,14 +50,55 @@ def lm_loss(model, batch) -> torch.Tensor:
     return (losses * mask).sum(1) / mask.sum(1)
 
 
+DAMPINGS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.5, 1.0, 10.0)
+
+
+def damping_sweep() -> None:
+    """LDS per compressor and relative damping on digits, averaged over 3 checkpoints."""
+    import grass
+    from grass.data import load_digits, per_example_loss
+    from grass.lds import subset_targets
+
+    task = load_digits()
+    models = task.ensemble(3)
+
+    def evaluate(subsets, seeds):
+        return torch.stack([task.test_margins(m) for m in task.train_many(subsets, seeds)])
+
+    subsets, targets = subset_targets(evaluate, task.n_train, n_subsets=50,
+                                      cache="bench/results/digits_lds.npz")
+    train, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
+
+    def scores(model, compressor, damping):
+        attr = grass.Attributor(model, per_example_loss, compressor, damping=damping,
+                                batch_size=500, progress=False)
+        attr.cache(train)
+        return attr.attribute(test)
+
+    rows = []
+    for compressor in (grass.Identity(), grass.FactGraSS(k=64), grass.LoGra(k=64),
+                       grass.FactSJLT(k=64), grass.FactGraSS(k=256), grass.LoGra(k=256)):
+        row = {"compressor": f"{type(compressor).__name__}({getattr(compressor, 'k', '')})"}
+        for damping in DAMPINGS:
+            total = sum(scores(m, compressor, damping) for m in models)
+            row[f"{damping:g}"] = f"{grass.lds(total, subsets, targets):.3f}"
+        rows.append(row)
+    print("LDS against relative damping (digits MLP, 3 checkpoints, 50 subsets)")
+    print(format_table(rows, list(rows[0])))
+
+
 def main() -> None:
     ensure_malloc_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--damping", action="store_true", help="run the LDS damping sweep")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.damping:
+        damping_sweep()
+        return
 
     import grass
 
