@@ -194,3 +194,13 @@ def test_bad_arguments(tmp_path):
         store.read(0, 4, layer="fc3")
     with pytest.raises(ValueError, match="start < stop"):
         store.read(3, 3)
+
+
+def test_load_reopens_with_the_manifest_configuration(tmp_path):
+    rows = torch.randn(N_ROWS, 8)
+    _open(tmp_path / "s", dtype=torch.float16).write(0, rows)
+    store = GradientStore.load(tmp_path / "s")
+    assert store.config == CONFIG and store.layers == LAYERS and store.dtype == torch.float16
+    assert torch.equal(store.read(0, N_ROWS), rows.half().float())
+    with pytest.raises(StoreError, match="no manifest.json"):
+        GradientStore.load(tmp_path / "elsewhere")
