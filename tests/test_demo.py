@@ -23,7 +23,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     methods = {r["method"] for r in results}
-    assert methods == {"Identity", "FactGraSS", "LoGra", "FactSJLT", "GraSS", "RandomMask"}
+    assert methods == {"Identity", "FactGraSS", "LoGra", "FactSJLT", "GraSS", "RandomMask",
+                       "SelectiveMask"}
     assert all(math.isfinite(v) for r in results for v in r["lds"])
     identity = next(r for r in results if r["method"] == "Identity")
     assert identity["lds"][0] > 0.3  # measured ~0.54 on this quick config; random scores give ~0
