@@ -69,10 +69,11 @@ def _randn(*shape, dtype=torch.float32, gen=None) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype).cuda()
 
 
-# (N, D, k, c): rows-per-block groups with a ragged last group, ragged vector tails, many chunks
-# per row, k too large for shared memory (global-atomics path), c > 1 and c = k.
-FLAT_CASES = [(1, 1, 1, 1), (5, 1003, 64, 4), (9, 70001, 512, 2), (3, 4099, 96, 96),
-              (2, 333, 65536, 2)]
+# (N, D, k, c): rows-per-block groups with a ragged last group, 16-byte-aligned rows (vector
+# loads) and unaligned ones, many chunks per row, k too large for shared memory (the
+# global-atomics path), c > 1 and c = k.
+FLAT_CASES = [(1, 1, 1, 1), (5, 1003, 64, 4), (9, 70001, 512, 2), (7, 64000, 1024, 2),
+              (3, 4099, 96, 96), (2, 333, 65536, 2)]
 
 
 @needs_gpu
@@ -84,12 +85,15 @@ def test_flat_cuda_matches_reference(n, d, k, c, dtype):
     codes = gk.sjlt_codes(d, k, c, seed=3, device="cuda")
     ref = reference.sjlt(x, codes, k)
     assert rel_err(torch.ops.grass_kernels.sjlt(x, codes, k), ref) < RTOL[dtype]
-    # A non-contiguous view with unit column stride (odd row stride: scalar loads) and a
-    # column-strided one (copied).
+    # Views with unit column stride: unaligned rows (scalar loads); aligned rows whose length
+    # is not a multiple of the vector width (vector loads, ragged tail); and a column-strided
+    # view (copied).
     wide = _randn(n, d + 3, dtype=dtype, gen=g)
-    for view in (wide[:, 1:-2], wide.T.contiguous().T[:, :d]):
-        out = torch.ops.grass_kernels.sjlt(view, codes, k)
-        assert rel_err(out, reference.sjlt(view, codes, k)) < RTOL[dtype]
+    padded = _randn(n, d + 16 - d % 8, dtype=dtype, gen=g)[:, : max(1, d - 3)]
+    for view in (wide[:, 1:-2], padded, wide.T.contiguous().T[:, :d]):
+        view_codes = gk.sjlt_codes(view.shape[1], k, c, seed=3, device="cuda")
+        out = torch.ops.grass_kernels.sjlt(view, view_codes, k)
+        assert rel_err(out, reference.sjlt(view, view_codes, k)) < RTOL[dtype]
 
     y = _randn(n, k, dtype=dtype, gen=g)
     out_t = torch.ops.grass_kernels.sjlt_transpose(y, codes)
@@ -135,13 +139,14 @@ def test_fact_grass_cuda_matches_reference(case, dtype, masked):
 
 
 # (B, T, d_in, d_out, k_in, k_out, c, bias): as above, with several 128-tiles on each side and
-# ragged edges, c = k_out.
+# ragged edges, c = k_out, aligned and unaligned rows.
 FACT_SJLT_CASES = [
     (3, 1, 17, 9, 8, 4, 1, False),
     (2, 1000, 40, 33, 160, 64, 4, True),
     (2, 77, 300, 1, 258, 2, 2, True),
     (1, 45, 200, 260, 192, 320, 64, False),
     (2, 5, 30, 20, 48, 16, 16, False),
+    (2, 70, 64, 48, 16, 32, 2, True),  # 16-byte-aligned rows in every dtype: vector loads
 ]
 
 
