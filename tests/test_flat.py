@@ -43,38 +43,30 @@ def _indices(d: int, seed: int) -> torch.Tensor:
 # --- every backend equals the reference ------------------------------------------------------
 
 
-@pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sjlt_matches_reference(device, backend, dtype):
-    for n, d, k, c in _cases(backend):
-        x = _random((n, d), dtype, device, seed=d)
-        out = gk.sjlt(x, k, c=c, seed=7, backend=backend)
-        ref = gk.sjlt(x, k, c=c, seed=7, backend="reference")
-        assert out.dtype == torch.float32 and out.shape == (n, k)
-        assert rel_err(out, ref) < RTOL[dtype], (n, d, k, c)
-
-
-@pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sjlt_transpose_matches_reference(device, backend, dtype):
-    for n, d, k, c in _cases(backend):
+def _run_op(op: str, shape: tuple, dtype, device, backend: str) -> torch.Tensor:
+    """One flat kernel op on fixed random inputs for shape (N, D, k, c)."""
+    n, d, k, c = shape
+    if op == "sjlt":
+        return gk.sjlt(_random((n, d), dtype, device, seed=d), k, c=c, seed=7, backend=backend)
+    if op == "sjlt_transpose":
         y = _random((n, k), dtype, device, seed=k)
-        out = gk.sjlt_transpose(y, d, c=c, seed=3, backend=backend)
-        ref = gk.sjlt_transpose(y, d, c=c, seed=3, backend="reference")
-        assert out.dtype == torch.float32 and out.shape == (n, d)
-        assert rel_err(out, ref) < RTOL[dtype], (n, d, k, c)
+        return gk.sjlt_transpose(y, d, c=c, seed=3, backend=backend)
+    x = _random((n, d), dtype, device, seed=n + d)
+    idx = _indices(d, seed=d).to(device)
+    return gk.grass(x, k, indices=idx, c=c, seed=5, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grass_matches_reference(device, backend, dtype):
-    for n, d, k, c in _cases(backend):
-        x = _random((n, d), dtype, device, seed=n + d)
-        idx = _indices(d, seed=d).to(device)
-        out = gk.grass(x, k, indices=idx, c=c, seed=5, backend=backend)
-        ref = gk.grass(x, k, indices=idx, c=c, seed=5, backend="reference")
-        assert out.dtype == torch.float32 and out.shape == (n, k)
-        assert rel_err(out, ref) < RTOL[dtype], (n, d, k, c)
+@pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
+def test_matches_reference(op, device, backend, dtype):
+    for shape in _cases(backend):
+        out = _run_op(op, shape, dtype, device, backend)
+        ref = _run_op(op, shape, dtype, device, "reference")
+        n, d, k, _ = shape
+        assert out.dtype == torch.float32
+        assert out.shape == (n, d if op == "sjlt_transpose" else k)
+        assert rel_err(out, ref) < RTOL[dtype], shape
 
 
 def _non_contiguous(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,19 +133,27 @@ def test_exactly_c_distinct_buckets(device, backend, c):
     assert abs(float((columns[nonzero] > 0).float().mean()) - 0.5) < 0.1
 
 
-def test_inner_products_unbiased():
-    """E<Su, Sv> = <u, v> over seeds: a z-test with the empirical standard error."""
-    d, k, draws = 200, 16, 3000
+def _inner_product_estimates(project, d: int, draws: int) -> tuple[torch.Tensor, float]:
+    """<P u, P v> for seeds 0..draws-1 and the true <u, v>, for fixed correlated u, v."""
     g = torch.Generator().manual_seed(0)
     u = torch.randn(d, generator=g)
-    v = 0.6 * u + torch.randn(d, generator=g)
-    uv = torch.stack([u, v])
-    for c in (1, 4):
-        est = torch.tensor([float(gk.sjlt(uv, k, c=c, seed=s).prod(0).sum()) for s in range(draws)])
-        z = (est.mean() - u @ v) / (est.std() / math.sqrt(draws))
-        assert abs(float(z)) < 4.0, (c, float(z))
-        # Not an exact map: the estimates do vary (variance of order |u|^2 |v|^2 / k).
-        assert float(est.std()) > 0.1 * float(u.norm() * v.norm()) / math.sqrt(k)
+    uv = torch.stack([u, 0.6 * u + torch.randn(d, generator=g)])
+    est = torch.tensor([float(project(uv, s).prod(0).sum()) for s in range(draws)])
+    return est, float(uv[0] @ uv[1])
+
+
+def _z(est: torch.Tensor, truth: float) -> float:
+    return float((est.mean() - truth) / (est.std() / math.sqrt(est.numel())))
+
+
+@pytest.mark.parametrize("c", [1, 4])
+def test_inner_products_unbiased(c):
+    """E<Su, Sv> = <u, v> over seeds: a z-test with the empirical standard error."""
+    k = 16
+    est, truth = _inner_product_estimates(lambda z, s: gk.sjlt(z, k, c=c, seed=s), 200, 3000)
+    assert abs(_z(est, truth)) < 4.0
+    # Not an exact map: the estimates do vary (standard deviation of order |u| |v| / sqrt(k)).
+    assert float(est.std()) > 0.1 * abs(truth) / math.sqrt(k)
 
 
 def _distance_ratios(project, points: torch.Tensor, seeds: range) -> torch.Tensor:
@@ -233,19 +233,18 @@ def test_gaussian_matches_materialised_matrix():
 
 
 def test_gaussian_unbiased():
-    d, k, draws = 100, 8, 1500
-    g = torch.Generator().manual_seed(0)
-    uv = torch.randn(2, d, generator=g)
-    est = torch.tensor([float(gk.gaussian(uv, k, seed=s).prod(0).sum()) for s in range(draws)])
-    z = (est.mean() - uv[0] @ uv[1]) / (est.std() / math.sqrt(draws))
-    assert abs(float(z)) < 4.0
+    est, truth = _inner_product_estimates(lambda z, s: gk.gaussian(z, 8, seed=s), 100, 1500)
+    assert abs(_z(est, truth)) < 4.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tables_identical_across_devices():
-    assert torch.equal(_tables.sjlt_codes(1001, 64, 4, 3, "cuda").cpu(), _tables.sjlt_codes(1001, 64, 4, 3))
-    assert torch.equal(gk.random_indices(1000, 77, seed=5).cpu(), _tables.random_indices(1000, 77, seed=5, device="cuda").cpu())
-    assert torch.equal(gk.gaussian_matrix(16, 300, seed=1, device="cuda").cpu(), gk.gaussian_matrix(16, 300, seed=1))
+    codes = _tables.sjlt_codes(1001, 64, 4, 3, "cuda")
+    assert torch.equal(codes.cpu(), _tables.sjlt_codes(1001, 64, 4, 3))
+    idx = _tables.random_indices(1000, 77, seed=5, device="cuda")
+    assert torch.equal(idx.cpu(), gk.random_indices(1000, 77, seed=5))
+    matrix = gk.gaussian_matrix(16, 300, seed=1, device="cuda")
+    assert torch.equal(matrix.cpu(), gk.gaussian_matrix(16, 300, seed=1))
     x = _random((3, 1001), torch.float32, "cpu", seed=0)
     assert rel_err(gk.sjlt(x.cuda(), 64, c=4, seed=3), gk.sjlt(x, 64, c=4, seed=3)) < 1e-5
 
