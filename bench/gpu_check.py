@@ -59,12 +59,13 @@ def flat_sizes(dry: bool) -> dict:
     return dict(n=64, d=10_000_000, k=4096, cs=(1, 4), kp=4 * 4096)
 
 
-# (name, d_in, d_out): GPT-2-small and Llama-3.1-8B linear layers.
+# (name, d_in, d_out): Llama-3.1-8B and GPT-2-small linear layers, the issue's key shapes
+# (the Llama MLP) first in case the section runs out of time.
 LAYERS = [
-    ("gpt2 768x2304", 768, 2304), ("gpt2 768x768", 768, 768), ("gpt2 768x3072", 768, 3072),
-    ("gpt2 3072x768", 3072, 768), ("llama 4096x4096", 4096, 4096),
-    ("llama 4096x1024", 4096, 1024), ("llama 4096x14336", 4096, 14336),
-    ("llama 14336x4096", 14336, 4096),
+    ("llama 4096x14336", 4096, 14336), ("llama 14336x4096", 14336, 4096),
+    ("llama 4096x4096", 4096, 4096), ("llama 4096x1024", 4096, 1024),
+    ("gpt2 768x3072", 768, 3072), ("gpt2 3072x768", 3072, 768),
+    ("gpt2 768x2304", 768, 2304), ("gpt2 768x768", 768, 768),
 ]
 
 
@@ -107,11 +108,17 @@ def peak_mb(fn: Callable[[], object], device: str) -> str:
 
 
 class Rows:
-    """Collects table rows for one section; each row times one implementation of one case."""
+    """One section's table rows, saved to ``path`` after every row (a section cut short by its
+    time limit keeps what it measured). Each ``add`` times one implementation of one case."""
 
-    def __init__(self, device: str, dry: bool, copy_gbps: float | None):
-        self.device, self.dry, self.copy_gbps = device, dry, copy_gbps
+    def __init__(self, path: Path, device: str, dry: bool, copy_gbps: float | None):
+        self.path, self.device, self.dry, self.copy_gbps = path, device, dry, copy_gbps
         self.rows: list[dict] = []
+        self.extra: dict = {}
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self.path.write_text(json.dumps(dict(rows=self.rows, **self.extra)))
 
     def add(self, case: str, op: str, impl: str, fn: Callable[[], object], nbytes: float,
             baseline_ms: float | None = None, memory: bool = False) -> float | None:
@@ -131,7 +138,7 @@ class Rows:
             ms = None
             row.update(ms="error", note=f"{type(error).__name__}: {str(error)[:90]}")
             print(f"[{case} {op} {impl}] failed:\n{traceback.format_exc()}", flush=True)
-        self.rows.append(row)
+        self.append(row)
         print(" | ".join(f"{c}={row.get(c, '')}" for c in COLUMNS if row.get(c)), flush=True)
         return ms
 
@@ -142,9 +149,10 @@ def kernel_backends(dry: bool) -> list[str]:
 
 # ----------------------------------------------------------------------------- sections
 
-def section_bandwidth(device: str, dry: bool, copy_gbps) -> dict:
+def section_bandwidth(rows: Rows) -> None:
     import torch
 
+    device, dry = rows.device, rows.dry
     numel = (1 << 20) if dry else (1 << 30)  # 2 GiB of bf16 on the GPU
     x = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
     ms = time_ms(lambda: x.clone(), device, dry)
@@ -152,17 +160,17 @@ def section_bandwidth(device: str, dry: bool, copy_gbps) -> dict:
     row = dict(case=f"clone {x.numel() * 2 / 2**20:.0f} MiB", op="copy", impl="torch",
                ms=f"{ms:.3f}", **{"GB/s": f"{gbps:.3g}", "% copy BW": "100"})
     print(f"copy bandwidth: {gbps:.3g} GB/s", flush=True)
-    return dict(rows=[row], copy_gbps=gbps)
+    rows.extra["copy_gbps"] = gbps
+    rows.append(row)
 
 
-def section_flat(device: str, dry: bool, copy_gbps) -> dict:
+def section_flat(rows: Rows) -> None:
     import torch
 
     import grass_kernels as gk
     from grass_kernels import _tables, reference
 
-    s = flat_sizes(dry)
-    rows = Rows(device, dry, copy_gbps)
+    device, s = rows.device, flat_sizes(rows.dry)
     x = torch.randn(s["n"], s["d"], device=device, dtype=torch.bfloat16)
     idx = gk.random_indices(s["d"], s["kp"], seed=1).to(device)
     scale = math.sqrt(s["d"] / s["kp"])
@@ -172,7 +180,7 @@ def section_flat(device: str, dry: bool, copy_gbps) -> dict:
         codes = _tables.sjlt_codes(s["d"], s["k"], c, 0, device)
         base = rows.add(case, "sjlt", "torch index_add_ (reference)",
                         lambda: reference.sjlt(x, codes, s["k"]), x_bytes)
-        for backend in kernel_backends(dry):
+        for backend in kernel_backends(rows.dry):
             if backend != "reference":
                 rows.add(case, "sjlt", backend,
                          lambda b=backend: gk.sjlt(x, s["k"], c=c, backend=b), x_bytes, base)
@@ -182,7 +190,7 @@ def section_flat(device: str, dry: bool, copy_gbps) -> dict:
         gcodes = _tables.sjlt_codes(s["kp"], s["k"], c, 0, device)
         base = rows.add(g_case, "grass", "torch gather + index_add_ (reference)",
                         lambda: reference.grass(x, idx, gcodes, s["k"], scale), g_bytes)
-        for backend in kernel_backends(dry):
+        for backend in kernel_backends(rows.dry):
             if backend == "reference":
                 continue
             rows.add(g_case, "grass", backend,
@@ -191,7 +199,6 @@ def section_flat(device: str, dry: bool, copy_gbps) -> dict:
             rows.add(g_case, "grass", f"unfused mask, then {backend} sjlt",
                      lambda b=backend: gk.sjlt(gk.mask(x, idx), s["k"], c=c, backend=b),
                      g_bytes, base)
-    return dict(rows=rows.rows)
 
 
 def unfused_fact_grass(acts, grads, in_idx, out_idx, buckets, signs, k):
@@ -215,14 +222,14 @@ def torch_logra(acts, grads, p_in, p_out):
     return torch.einsum("bto,bti->boi", go.float(), xi.float()).reshape(acts.shape[0], -1)
 
 
-def section_factorized(device: str, dry: bool, copy_gbps) -> dict:
+def section_factorized(rows: Rows) -> None:
     import torch
 
     import grass_kernels as gk
     from grass_kernels import _tables
 
+    device, dry = rows.device, rows.dry
     s = factorized_sizes(dry)
-    rows = Rows(device, dry, copy_gbps)
     dtype = torch.bfloat16
     for name, d_in, d_out in s["layers"]:
         case = f"{name} B*T={s['b']}x{s['t']}"
@@ -268,7 +275,6 @@ def section_factorized(device: str, dry: bool, copy_gbps) -> dict:
         del acts, grads
         if device == "cuda":
             torch.cuda.empty_cache()
-    return dict(rows=rows.rows)
 
 
 SECTION_FUNCS = {"bandwidth": section_bandwidth, "flat": section_flat,
@@ -287,8 +293,7 @@ def run_section(name: str, out: Path, dry: bool) -> None:
         torch.set_num_threads(2)
     bw_file = out / "section_bandwidth.json"
     copy_gbps = json.loads(bw_file.read_text()).get("copy_gbps") if bw_file.exists() else None
-    result = SECTION_FUNCS[name](device, dry, copy_gbps)
-    (out / f"section_{name}.json").write_text(json.dumps(result))
+    SECTION_FUNCS[name](Rows(out / f"section_{name}.json", device, dry, copy_gbps))
 
 
 # ----------------------------------------------------------------------------- orchestration
