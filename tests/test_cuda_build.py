@@ -172,8 +172,12 @@ def test_cuda_kernels_run_on_the_current_stream():
     x = _randn(4, 5000)
     codes = gk.sjlt_codes(5000, 256, 2, seed=0, device="cuda")
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # x was made on the default stream
     with torch.cuda.stream(side):
-        x_side = x * 1.0  # produced on the side stream: the kernel must wait for it there
+        # x_side is written late on the side stream (after ~25 ms of sleep): a kernel launched
+        # on another stream would read it before it is written.
+        torch.cuda._sleep(50_000_000)
+        x_side = x * 1.0
         out = torch.ops.grass_kernels.sjlt(x_side, codes, 256)
-    side.synchronize()
+    torch.cuda.synchronize()
     assert rel_err(out, reference.sjlt(x, codes, 256)) < RTOL[torch.float32]
