@@ -2,20 +2,28 @@
 // Semantics: grass_kernels/reference.py. Inputs fp32/bf16/fp16 (fp64 compiles too), fp32
 // accumulation and output, 64-bit offsets into x everywhere.
 //
-// Why the kernels look like this (measured on the 2-core dev machine, N = 32, D = 1e6,
-// k = 4096, c = 1; numbers in bench/flat.py's table):
-// - SJLT is a scatter-add whose cost is one pass over x plus one 4-byte table load per
-//   (coordinate, copy). The table is shared by all rows, so a thread sweeps a tile of kTile
-//   coordinates for all of its rows before moving on: the table tile is then read from L1
-//   instead of once per row from L3 / DRAM (at D = 1e7, c = 4 the table is 160 MB).
-// - Rows are processed kRows at a time: one table load and one decode serve kRows scatters,
-//   and the kRows x-streams are independent, which hides the load latency of the scatter.
-// - Each thread owns whole output rows when there are enough rows (no reduction, the thread's
-//   output rows, rows * k * 4 bytes, stay in L2); with fewer rows than threads it takes a
-//   slice of D and accumulates into its own (N, k) buffer, summed at the end.
-// - The sign rides in the code's top bit (~b for -1): it is XORed into the float's sign bit
-//   instead of multiplying, and 1 / sqrt(c) (and grass's mask scale) is applied once to the
-//   k outputs instead of to every input.
+// Why the kernels look like this (N = 32, D = 1e6, k = 4096 on the 2-core dev machine; it was
+// shared while these were measured, so the figures below are rough; bench/flat.py has the table):
+// - SJLT is a scatter-add: one pass over x plus one 4-byte table load per (coordinate, copy).
+//   Rows are taken kLanes = 8 at a time and their 8 values of one coordinate form one vector:
+//   one table load and decode, and one 32-byte read-modify-write of an accumulator laid out
+//   (bucket, lane), serve 8 rows. A first version with row-major (row, bucket) accumulators and
+//   a scalar add per row ran ~1.2x slower.
+// - The 8-row vectors are built with 8 vector loads and an 8 x 8 register transpose; building
+//   them element by element cost ~1.7x more in total (bf16, one thread). With this, one thread
+//   spends ~2.5x the CPU time of x.sum() at c = 1 (~4x at c = 4).
+// - The table is shared by all rows: when it does not fit in L2, a thread sweeps a tile of
+//   kTile coordinates for all its row groups before moving on, so each group reads the tile
+//   from L1/L2 instead of the whole table from L3/DRAM (160 MB at D = 1e7, c = 4).
+// - Each thread owns whole output rows when the rows split evenly (no reduction; its
+//   accumulators, rows * k * 4 bytes, stay in L2); with few rows threads split D instead and
+//   their per-thread accumulators are summed at the end.
+// - The sign rides in the code's top bit (~b for -1) and is XORed into the float's sign bit;
+//   1 / sqrt(c) (and grass's mask scale) is applied once to the k outputs.
+// - grass gathers k' masked columns: at D = 1e6, k' = 16384 that is a cache miss per element,
+//   and it costs about what index_select's gather costs (mask-then-sjlt pays that gather plus
+//   a write and re-read of (N, k')). Software prefetching 8 or 32 coordinates ahead did not
+//   change its time, so there is none.
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -31,8 +39,6 @@ namespace {
 // Rows per group: their values for one coordinate form one vector, so one table load, one
 // decode and one vector read-modify-write of the accumulator serve kLanes rows. The
 // accumulator is laid out (bucket, lane): the kLanes partial sums of a bucket share 32 bytes.
-// (Row-major (row, bucket) accumulators were 3x slower: rows k * 4 bytes apart alias in the
-// 4 KB store-to-load disambiguation, and each row paid its own scalar read-modify-write.)
 constexpr int kLanes = 8;
 using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
 using LaneBits = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -75,6 +81,60 @@ void with_copies(int64_t c, F&& f) {
   }
 }
 
+// acc[b_j][:] += s_j v for the c codes of one coordinate.
+template <int C>
+inline void add_signed(Lanes* __restrict__ acc, Lanes v, const int32_t* code, int64_t c_runtime) {
+  const int64_t c = C > 0 ? C : c_runtime;
+  // A C-style cast between vector types of one size reinterprets the bits.
+  const LaneBits bits = (LaneBits)v;
+  for (int64_t j = 0; j < c; ++j) {
+    const int32_t sign = static_cast<int32_t>(static_cast<uint32_t>(code[j]) & 0x80000000u);
+    acc[code_bucket(code[j])] += (Lanes)(bits ^ sign);
+  }
+}
+
+// kLanes consecutive elements as fp32 lanes.
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline Lanes load_lanes(const c10::BFloat16* p) {
+  using Half8 = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  using Word8 = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  Half8 h;
+  std::memcpy(&h, p, sizeof h);
+  return (Lanes)(__builtin_convertvector(h, Word8) << 16);  // bf16 is fp32's top half
+}
+template <typename scalar_t>
+inline Lanes load_lanes(const scalar_t* p) {
+  Lanes v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+
+// v[r][j] <-> v[j][r]: an 8 x 8 transpose in three stages of two-input shuffles (pairs of
+// elements, pairs of pairs, 128-bit halves), 24 shuffles for 64 elements.
+inline void transpose8(Lanes (&v)[kLanes]) {
+  static_assert(kLanes == 8, "transpose8 needs 8 lanes");
+  Lanes t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] =
+          __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 // acc[b_j(m)][lane] += s_j(m) x[rows[lane], cols(m)] for m in [lo, hi). A group with fewer than
 // kLanes rows repeats its last row; those lanes are never read back.
 template <int C, typename scalar_t, typename Cols>
@@ -82,17 +142,22 @@ void scatter_group(const scalar_t* const (&rows)[kLanes], Lanes* __restrict__ ac
                    const int32_t* __restrict__ codes, int64_t c_runtime, int64_t lo, int64_t hi,
                    Cols cols) {
   const int64_t c = C > 0 ? C : c_runtime;
-  for (int64_t m = lo; m < hi; ++m) {
+  int64_t m = lo;
+  if constexpr (std::is_same_v<Cols, Identity>) {
+    // Adjacent columns: kLanes vector loads and a transpose give kLanes coordinates' lanes
+    // (building lanes element by element cost 3x more than the scatter itself).
+    for (; m + kLanes <= hi; m += kLanes) {
+      Lanes v[kLanes];
+      for (int r = 0; r < kLanes; ++r) v[r] = load_lanes(rows[r] + m);
+      transpose8(v);
+      for (int j = 0; j < kLanes; ++j) add_signed<C>(acc, v[j], codes + (m + j) * c, c);
+    }
+  }
+  for (; m < hi; ++m) {
     const int64_t col = cols(m);
     Lanes v;
     for (int r = 0; r < kLanes; ++r) v[r] = static_cast<float>(rows[r][col]);
-    // A C-style cast between vector types of one size reinterprets the bits.
-    const LaneBits bits = (LaneBits)v;
-    const int32_t* code = codes + m * c;
-    for (int64_t j = 0; j < c; ++j) {
-      const int32_t sign = static_cast<int32_t>(static_cast<uint32_t>(code[j]) & 0x80000000u);
-      acc[code_bucket(code[j])] += (Lanes)(bits ^ sign);
-    }
+    add_signed<C>(acc, v, codes + m * c, c);
   }
 }
 
@@ -143,7 +208,8 @@ at::Tensor scatter(const scalar_t* x, int64_t n, int64_t row_stride, int64_t m_t
 #pragma omp parallel for schedule(static, 1) num_threads(nt)
     for (int t = 0; t < nt; ++t) {
       const int64_t r0 = row_lo(t), r1 = by_rows ? row_lo(t + 1) : n;
-      const int64_t m0 = by_rows ? 0 : m_total * t / nt, m1 = by_rows ? m_total : m_total * (t + 1) / nt;
+      const int64_t m0 = by_rows ? 0 : m_total * t / nt;
+      const int64_t m1 = by_rows ? m_total : m_total * (t + 1) / nt;
       scatter_rows<C>(x, row_stride, r0, r1, cols, code_ptr, c, m0, m1,
                       acc_ptr + t * max_groups * k, k);
     }
