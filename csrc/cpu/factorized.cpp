@@ -3,20 +3,23 @@
 // bf16 or fp16 with any strides; fp32 accumulation and output.
 //
 // All three ops have one shape: per example b, per tile of token rows, fill two fp32 tiles
-//     U (rows x n_out) from grads,   V (rows x n_in) from acts (token mask and bias folded in)
+//     U (tokens x n_out) from grads,   V (tokens x n_in) from acts (token mask and bias folded in)
 // and accumulate A += U^T V (n_out x n_in) in a per-thread buffer; at the end of the example
 // A is written out (logra, fact_sjlt) or scaled and scattered into the SJLT buckets
 // (fact_grass). What differs is how U and V are filled:
-//     fact_grass  gather the k_o' / k_i' masked columns (index d_in of acts = virtual 1.0)
+//     fact_grass  gather the k_o' / k_i' masked columns (index d_in of acts = virtual 1.0),
+//                 prefetching the columns of a row a few rows ahead (a gather of scattered
+//                 columns is otherwise latency-bound)
 //     logra       project the rows: X P_in^T, Delta P_out^T (bias: + P_in[:, d_in])
-//     fact_sjlt   hash-scatter each row into k_in / k_out buckets
+//     fact_sjlt   hash-scatter the rows into k_in / k_out buckets, 16 tokens at a time as one
+//                 AVX-512 vector per bucket (the tiles are then token-minor)
 // Nothing proportional to B*T*k or B*d_out*d_in is ever allocated: the workspace is
 // threads x (tile rows x (n_in + n_out + one converted input row) + n_out x n_in) floats.
 //
 // The dense products (A += U^T V and logra's projections) go to ATen's addmm / mm on
 // from_blob views of the per-thread buffers, i.e. MKL's sgemm, called from inside our
-// parallel region, where it runs single-threaded: it is faster than any hand-written
-// micro-kernel here and the call overhead (a few microseconds) is paid once per tile.
+// parallel region, where it runs single-threaded: it is faster than a hand-written
+// micro-kernel would be and its call overhead (a few microseconds) is paid once per tile.
 // Parallelism: examples are split over threads; with fewer examples than threads each
 // example's tokens are split into chunks whose results are summed at the end (both the
 // copy-out and the SJLT scatter are linear, so partial results add).
@@ -41,8 +44,9 @@ constexpr int64_t kTileFloats = 1 << 18;
 constexpr int64_t kMaxTileRows = 512;
 // How many token rows ahead fact_grass prefetches its gathered columns.
 constexpr int64_t kPrefetchRows = 4;
-// fact_sjlt sketches this many tokens at once, as one fp32 vector per bucket (AVX-512 width),
-// after transposing kBlock coordinates of them into an L1 buffer (kBlock x kLanes floats).
+// fact_sjlt sketches this many tokens at once, as one fp32 vector per bucket (AVX-512 width);
+// without AVX-512 (or for strided rows) it transposes kBlock coordinates of them at a time
+// into an L1 buffer (kBlock x kLanes floats).
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 64;
 
@@ -63,14 +67,13 @@ struct Rows {
   const char* row(int64_t b, int64_t t) const { return data + (b * sb + t * st) * itemsize; }
 };
 
-// dst[j] = m * x[off[j]]; off[j] < 0 marks the virtual bias input, whose value is 1.
+// dst[j] = m * x[off[j]] for row (b, t), off in elements. Branch-free, so it vectorises into
+// hardware gathers; the virtual bias column is patched in by the caller.
 void gather_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_t n, float m,
                 float* dst) {
   GRASS_DISPATCH_FLOATING(in.dtype, "gather_row", [&] {
     const auto* x = reinterpret_cast<const scalar_t*>(in.row(b, t));
-    for (int64_t j = 0; j < n; ++j) {
-      dst[j] = off[j] < 0 ? m : m * static_cast<float>(x[off[j]]);
-    }
+    for (int64_t j = 0; j < n; ++j) dst[j] = m * static_cast<float>(x[off[j]]);
   });
 }
 
@@ -79,9 +82,7 @@ void gather_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_
 // streams like a read.
 void prefetch_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_t n) {
   const char* row = in.row(b, t);
-  for (int64_t j = 0; j < n; ++j) {
-    if (off[j] >= 0) __builtin_prefetch(row + off[j] * in.itemsize);
-  }
+  for (int64_t j = 0; j < n; ++j) __builtin_prefetch(row + off[j] * in.itemsize);
 }
 
 // dst[i] = x[i] for the n = d features of row (b, t); a unit stride gets a vectorisable loop.
@@ -339,16 +340,20 @@ at::Tensor factorized_driver(const at::Tensor& acts, int64_t n_out, int64_t n_in
 
 void copy_out(const float* acc, int64_t n, float* dst) { std::copy(acc, acc + n, dst); }
 
-// Element offsets of the masked columns: idx * stride, or -1 for the bias column.
+// Element offsets idx * stride of the masked columns, checked against [0, limit). The virtual
+// bias column (index d, when limit = d + 1) gets offset 0 and its position in bias_pos (else
+// -1), so gathers stay branch-free and the caller overwrites that one entry.
 at::Tensor column_offsets(const at::Tensor& idx, int64_t d, int64_t limit, int64_t stride,
-                          const char* name) {
+                          const char* name, int64_t& bias_pos) {
   auto ix = idx.contiguous();
   auto off = at::empty_like(ix);
   const int64_t* in = ix.data_ptr<int64_t>();
   int64_t* o = off.data_ptr<int64_t>();
+  bias_pos = -1;
   for (int64_t j = 0; j < ix.numel(); ++j) {
     TORCH_CHECK(in[j] >= 0 && in[j] < limit, name, " must lie in [0, ", limit, "), got ", in[j]);
-    o[j] = in[j] < d ? in[j] * stride : -1;
+    if (in[j] == d) bias_pos = j;
+    o[j] = in[j] < d ? in[j] * stride : 0;
   }
   return off;
 }
@@ -364,8 +369,9 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   const int64_t d_in = acts.size(2), d_out = grads.size(2);
   const int64_t n_in = in_indices.numel(), n_out = out_indices.numel();
   const Rows x(acts), g(grads);
-  auto off_in = column_offsets(in_indices, d_in, d_in + bias, x.sd, "in_indices");
-  auto off_out = column_offsets(out_indices, d_out, d_out, g.sd, "out_indices");
+  int64_t bias_pos, no_bias;
+  auto off_in = column_offsets(in_indices, d_in, d_in + bias, x.sd, "in_indices", bias_pos);
+  auto off_out = column_offsets(out_indices, d_out, d_out, g.sd, "out_indices", no_bias);
   const int64_t* oi = off_in.data_ptr<int64_t>();
   const int64_t* oo = off_out.data_ptr<int64_t>();
   const Sketch sk(codes, n_out * n_in, k, acts, "codes");
@@ -385,6 +391,7 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
         std::fill(v + r * n_in, v + (r + 1) * n_in, 0.0f);  // padding: skip the read
       } else {
         gather_row(x, b, t0 + r, oi, n_in, m, v + r * n_in);
+        if (bias_pos >= 0) v[r * n_in + bias_pos] = m;
       }
     }
   };
