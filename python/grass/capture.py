@@ -20,7 +20,8 @@ from torch import nn
 
 from .compressors import LayerMap, LayerShape
 
-LayerSpec = "str | type | Iterable[str | type] | None"
+# What ``layers=`` accepts: fnmatch name patterns and/or module types, one or several.
+LayerSpec = str | type | Iterable[str | type] | None
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -67,7 +67,8 @@ class Preconditioner:
         offsets: Mapping[str, tuple[int, int]],
         damping: float,
     ) -> "Preconditioner":
-        return cls(offsets, {name: damped_cholesky(f, damping, name) for name, f in fishers.items()})
+        factors = {name: damped_cholesky(f, damping, name) for name, f in fishers.items()}
+        return cls(offsets, factors)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """(m, width) fp32 -> (m, width) fp32, layer by layer."""
