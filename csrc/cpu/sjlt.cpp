@@ -189,40 +189,67 @@ bool split_rows(int64_t n, int nt) { return n >= nt && (n % nt == 0 || n >= 8 * 
 
 int64_t groups(int64_t rows) { return (rows + kLanes - 1) / kLanes; }
 
-// (scale *) the SJLT of x's rows through cols and codes (m_total, c): (n, k) fp32.
+// out[r0 + row] = scale * acc rows: acc (groups, k) Lanes -> (rows, k) row-major.
+void write_rows(const Lanes* acc, int64_t rows, int64_t k, float scale, float* out) {
+  for (int64_t g = 0; g * kLanes < rows; ++g) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - g * kLanes));
+    for (int64_t b = 0; b < k; ++b) {
+      const Lanes a = acc[g * k + b];
+      for (int lane = 0; lane < lanes; ++lane) out[(g * kLanes + lane) * k + b] = a[lane] * scale;
+    }
+  }
+}
+
+// out.flat[lo:hi] = scale * the sum over parts of the (groups, k) Lanes accumulators.
+void reduce_parts(const Lanes* acc, int parts, int64_t part_size, int64_t k, int64_t lo,
+                  int64_t hi, float scale, float* out) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t row = i / k, at = (row / kLanes) * k + i % k;
+    float sum = 0.0f;
+    for (int p = 0; p < parts; ++p) sum += acc[p * part_size + at][row % kLanes];
+    out[i] = sum * scale;
+  }
+}
+
+// scale * the SJLT of x's rows through cols and codes (m_total, c): (n, k) fp32. Zeroing,
+// scatter and write-back happen in one parallel region: on this shared machine every extra
+// fork/join of the pool (torch ops between regions) cost milliseconds of waiting for a thread.
 template <typename scalar_t, typename Cols>
 at::Tensor scatter(const scalar_t* x, int64_t n, int64_t row_stride, int64_t m_total, Cols cols,
                    const at::Tensor& codes, int64_t k, double scale,
                    const at::TensorOptions& options) {
   const int64_t c = codes.size(1);
   const int32_t* code_ptr = codes.data_ptr<int32_t>();
-  const int nt = threads_for(n * m_total * c);
-  const bool by_rows = split_rows(n, nt);
-  // One (groups, k, kLanes) accumulator per thread; rows [row_lo(t), row_lo(t + 1)) by rows.
-  auto row_lo = [&](int64_t t) { return by_rows ? n * t / nt : 0; };
-  const int64_t max_groups = by_rows ? groups((n + nt - 1) / nt) : groups(n);
-  at::Tensor acc = at::zeros({nt, max_groups, k, kLanes}, options);
-  Lanes* acc_ptr = reinterpret_cast<Lanes*>(acc.data_ptr<float>());
+  const int parts = threads_for(n * m_total * c);
+  const bool by_rows = split_rows(n, parts);
+  // Part p: its slice of the rows over all of D, or all rows over its slice of D.
+  const int64_t part_size = (by_rows ? groups((n + parts - 1) / parts) : groups(n)) * k;
+  at::Tensor acc_buf = at::empty({parts, part_size, kLanes}, options);
+  Lanes* acc = reinterpret_cast<Lanes*>(acc_buf.data_ptr<float>());
+  at::Tensor out = at::empty({n, k}, options);
+  float* o = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
   with_copies(c, [&](auto copies) {
     constexpr int C = decltype(copies)::value;
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-    for (int t = 0; t < nt; ++t) {
-      const int64_t r0 = row_lo(t), r1 = by_rows ? row_lo(t + 1) : n;
-      const int64_t m0 = by_rows ? 0 : m_total * t / nt;
-      const int64_t m1 = by_rows ? m_total : m_total * (t + 1) / nt;
-      scatter_rows<C>(x, row_stride, r0, r1, cols, code_ptr, c, m0, m1,
-                      acc_ptr + t * max_groups * k, k);
+#pragma omp parallel num_threads(parts)
+    {
+      const int t = omp_get_thread_num(), used = omp_get_num_threads();
+      for (int p = t; p < parts; p += used) {  // fewer threads than parts: take several
+        const int64_t r0 = by_rows ? n * p / parts : 0, r1 = by_rows ? n * (p + 1) / parts : n;
+        const int64_t m0 = by_rows ? 0 : m_total * p / parts;
+        const int64_t m1 = by_rows ? m_total : m_total * (p + 1) / parts;
+        Lanes* part = acc + p * part_size;
+        std::fill(part, part + groups(r1 - r0) * k, Lanes{});
+        scatter_rows<C>(x, row_stride, r0, r1, cols, code_ptr, c, m0, m1, part, k);
+        if (by_rows) write_rows(part, r1 - r0, k, s, o + r0 * k);
+      }
+      if (!by_rows) {
+#pragma omp barrier
+        reduce_parts(acc, parts, part_size, k, n * k * t / used, n * k * (t + 1) / used, s, o);
+      }
     }
   });
-  // (nt, groups, k, lanes) -> rows (groups * lanes, k) per thread.
-  at::Tensor per_thread = acc.permute({0, 1, 3, 2}).reshape({nt, max_groups * kLanes, k});
-  if (!by_rows) return per_thread.sum(0).narrow(0, 0, n).mul_(scale);
-  at::Tensor out = at::empty({n, k}, options);
-  for (int64_t t = 0; t < nt; ++t) {
-    const int64_t r0 = row_lo(t), rows = row_lo(t + 1) - r0;
-    out.narrow(0, r0, rows).copy_(per_thread[t].narrow(0, 0, rows));
-  }
-  return out.mul_(scale);
+  return out;
 }
 
 // A code outside [0, k) would write out of bounds: reject it before any kernel runs. One pass
