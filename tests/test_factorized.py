@@ -206,7 +206,8 @@ def test_deterministic_and_seeded():
 
 
 def test_tables_identical_across_devices(device):
-    assert torch.equal(_tables.sjlt_codes(77, 16, 2, 9, device).cpu(), _tables.sjlt_codes(77, 16, 2, 9))
+    codes = _tables.sjlt_codes(77, 16, 2, 9, device)
+    assert torch.equal(codes.cpu(), _tables.sjlt_codes(77, 16, 2, 9))
     assert torch.equal(
         _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu(),
         _tables.gaussian_matrix(5, 33, seed=2),
@@ -245,16 +246,16 @@ def test_real_two_layer_net():
     for name, (acts, grads) in layers.items():
         weight, bias = per_example[f"{name}.weight"], per_example[f"{name}.bias"]
         gradient = torch.cat([weight, bias.unsqueeze(-1)], dim=-1)  # (B, d_out, d_in + 1)
+        # The contracts' oracle (linear_grads of the masked tokens) is torch.func's gradient ...
+        assert rel_err(_gradient(acts, grads, keep, True), gradient) < 1e-5
+        # ... so each op, checked against that oracle, matches the real per-example gradient.
         for op in OPS.values():
-            out_k, expected = op(acts, grads, keep, True, "cpu")
-            # The contract's oracle built from torch.func's gradient instead of linear_grads.
-            assert rel_err(_gradient(acts, grads, keep, True), gradient) < 1e-5
-            assert rel_err(out_k, expected) < RTOL[torch.float32]
-        d_in = acts.shape[-1] + 1
-        p_in, p_out = _tables.gaussian_matrix(7, d_in, seed=11), _tables.gaussian_matrix(5, grads.shape[-1], seed=12)
-        direct = _flat(_kron(p_out, p_in), gradient)
+            got, expected = op(acts, grads, keep, True, "cpu")
+            assert rel_err(got, expected) < RTOL[torch.float32]
+        p_in = _tables.gaussian_matrix(7, acts.shape[-1] + 1, seed=11)
+        p_out = _tables.gaussian_matrix(5, grads.shape[-1], seed=12)
         got = gk.logra(acts, grads, p_in=p_in, p_out=p_out, bias=True, token_mask=keep)
-        assert rel_err(got, direct) < RTOL[torch.float32]
+        assert rel_err(got, _flat(_kron(p_out, p_in), gradient)) < RTOL[torch.float32]
 
 
 # ---------------------------------------------------------------------------- bad input
