@@ -273,13 +273,12 @@ class Attributor:
         """Capture every batch overlapping ``wanted`` and pass (start, features) to ``sink``."""
         total = sum(b - a for a, b in wanted)
         bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
-        with Capture(self.model, self.modules, self.maps, self.offsets) as capture:
+        with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
             for start, batch in source.batches(wanted):
                 batch = _to_device(batch, self.device)
                 out = capture.features(batch, self.loss_fn, _token_mask(batch), first_row=start)
                 sink(start, out)
                 bar.update(sum(b - a for a, b in _overlaps(wanted, start, start + out.shape[0])))
-        bar.close()
 
     def features(self, data) -> Features:
         """Compressed gradients of ``data`` (any accepted form): Features (n, width)."""
