@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from .capture import Capture, LayerSpec, layer_shape, select_layers
 from .compressors import Compressor, FactGraSS
-from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner, fisher
+from . import distributed
+from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
 from .scoring import Scorer
 from .store import GradientStore
 
@@ -292,13 +293,18 @@ class Attributor:
         return Features(values, self.config)
 
     def cache(self, train_data) -> GradientStore:
-        """Compute the training features into the store (only missing rows) and the curvature."""
+        """Compute the training features into the store (only missing rows) and the curvature.
+
+        Under torch.distributed (torchrun) each rank computes its shard of the missing rows
+        into one shared on-disk store: see ``grass.distributed``.
+        """
         source = _Source(train_data, self.batch_size, "train_data")
-        store = GradientStore.open(
+        # grass.distributed: rank 0 creates the store first; each rank fills its shard.
+        store = distributed.open_store(
             self.store_path, config=self.config, n_rows=source.n, layers=self.layer_sizes,
             dtype=self.store_dtype,
         )
-        missing = store.missing()
+        missing = distributed.shard(store.missing())
 
         def write(start: int, out: torch.Tensor) -> None:
             for a, b in _overlaps(missing, start, start + out.shape[0]):
@@ -306,13 +312,14 @@ class Attributor:
 
         if missing:
             self._compute(source, missing, write, "grass cache")
+        distributed.barrier()  # every rank's rows are on disk before anyone reads them
         if self.hessian == "efim":
-            precondition = Preconditioner.efim(fisher(store, self.chunk_size), store.offsets,
-                                               self.damping)
+            precondition = Preconditioner.efim(distributed.fisher(store, self.chunk_size),
+                                               store.offsets, self.damping)
         else:
             precondition = Preconditioner.identity(store.offsets)
         self.store = store
-        self._scorer = Scorer(store, precondition, self.chunk_size)
+        self._scorer = distributed.scorer(store, precondition, self.chunk_size)
         return store
 
     # -- scores --------------------------------------------------------------------------------

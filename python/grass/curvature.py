@@ -25,6 +25,17 @@ DEFAULT_CHUNK = 4096
 
 def fisher(store, chunk_size: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
     """Per-layer empirical Fisher from the store's rows: name -> (k_l, k_l) fp32."""
+    mats = fisher_sums(store, (0, store.n_rows), chunk_size)
+    for mat in mats.values():
+        mat /= store.n_rows
+    return mats
+
+
+def fisher_sums(store, rows: tuple[int, int],
+                chunk_size: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+    """Per-layer sum_i phi_{i,l} phi_{i,l}^T over store rows [start, stop): name -> (k_l, k_l)
+    fp32, unnormalised so that sums over disjoint row ranges add up (grass.distributed
+    all-reduces them)."""
     too_big = {name: k for name, k in store.layers.items() if k > MAX_EFIM_K}
     if too_big:
         raise ValueError(
@@ -32,12 +43,12 @@ def fisher(store, chunk_size: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
             f"layers {too_big} are larger: compress them or use hessian='identity'"
         )
     mats = {name: torch.zeros(k, k) for name, k in store.layers.items()}
-    for _, _, rows in store.chunks(chunk_size):
+    first, last = rows
+    for row in range(first, last, chunk_size):
+        chunk = store.read(row, min(row + chunk_size, last))
         for name, (start, stop) in store.offsets.items():
-            block = rows[:, start:stop].float()
+            block = chunk[:, start:stop].float()
             mats[name].addmm_(block.T, block)
-    for mat in mats.values():
-        mat /= store.n_rows
     return mats
 
 

@@ -45,13 +45,26 @@ def _normalise(block: torch.Tensor, test_norms: torch.Tensor, train_norms: torch
 
 
 class Scorer:
-    """Scores against the rows of ``store`` under ``precondition``."""
+    """Scores against the rows of ``store`` under ``precondition``.
 
-    def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK):
+    rows: the train rows [start, stop) scored, all by default; grass.distributed gives each
+    rank its own range, and results then cover those rows only (indices stay global).
+    """
+
+    def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK,
+                 rows: tuple[int, int] | None = None):
         self.store = store
         self.precondition = precondition
         self.offsets = dict(store.offsets)
         self.chunk_size = chunk_size
+        self.rows = (0, store.n_rows) if rows is None else rows
+
+    def _chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, fp32 rows) over ``self.rows`` in chunks of ``chunk_size``."""
+        first, last = self.rows
+        for start in range(first, last, self.chunk_size):
+            stop = min(start + self.chunk_size, last)
+            yield start, stop, self.store.read(start, stop)
 
     def blocks(
         self, test: torch.Tensor, *, per_layer: bool = False, cosine: bool = False,
@@ -62,9 +75,9 @@ class Scorer:
         pre = self.precondition(test)
         if cosine:
             test_norms = _norms(pre, test, self.offsets, per_layer)
-        chunks = self.store.chunks(self.chunk_size)
+        chunks = self._chunks()
         if progress:
-            total = -(-self.store.n_rows // self.chunk_size)
+            total = -(-(self.rows[1] - self.rows[0]) // self.chunk_size)
             chunks = tqdm(chunks, total=total, desc="grass attribute", unit="chunk")
         for start, stop, rows in chunks:
             rows = rows.float()
@@ -76,13 +89,13 @@ class Scorer:
 
     def scores(self, test: torch.Tensor, *, per_layer=False, cosine=False, progress=False):
         """(n_test, n_train), or (L, n_test, n_train) with ``per_layer``."""
-        n = self.store.n_rows
+        first, last = self.rows
         shape = (len(self.offsets),) if per_layer else ()
-        out = torch.empty(*shape, test.shape[0], n)
+        out = torch.empty(*shape, test.shape[0], last - first)
         for start, stop, block in self.blocks(
             test, per_layer=per_layer, cosine=cosine, progress=progress
         ):
-            out[..., start:stop] = block
+            out[..., start - first:stop - first] = block
         return out
 
     def top_k(self, test: torch.Tensor, k: int, *, cosine: bool = False):
@@ -99,9 +112,10 @@ class Scorer:
 
     def self_influence(self, *, per_layer: bool = False) -> torch.Tensor:
         """phi_i^T (F + lambda I)^{-1} phi_i for every train row: (n_train,), or (L, n_train)."""
+        first, last = self.rows
         shape = (len(self.offsets),) if per_layer else ()
-        out = torch.empty(*shape, self.store.n_rows)
-        for start, stop, rows in self.store.chunks(self.chunk_size):
-            rows = rows.float()
-            out[..., start:stop] = _rowwise(self.precondition(rows), rows, self.offsets, per_layer)
+        out = torch.empty(*shape, last - first)
+        for start, stop, rows in self._chunks():
+            out[..., start - first:stop - first] = _rowwise(self.precondition(rows), rows,
+                                                            self.offsets, per_layer)
         return out

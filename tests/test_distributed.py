@@ -1,0 +1,171 @@
+"""grass.distributed: real multi-process runs (gloo on 127.0.0.1, torch.multiprocessing spawn).
+
+The single-process Attributor on the same data is the reference: a distributed cache must give
+bit-identical store rows (every batch is computed the same way, only by another rank) and the
+same Fisher, scores, top-k and self-influence to fp32 rounding. A rank killed mid-cache, then a
+resume with another world size, must end identical too, computing only the missing rows; a run
+with another configuration on the same store is refused on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import grass
+from grass import distributed
+from grass.data import make_mlp, per_example_loss
+from grass.store import StoreError
+
+N_TRAIN, N_TEST, BATCH, TOP = 61, 7, 4, 5  # odd sizes: shards and batches never line up
+TIMEOUT_S = 90  # a hung group is killed, never waited on forever
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _attributor(store, *, seed: int = 0, loss=per_example_loss) -> grass.Attributor:
+    model = make_mlp(16, 12, 5, seed=3)
+    return grass.Attributor(model, loss, grass.FactGraSS(k=16), store=store, batch_size=BATCH,
+                            seed=seed, progress=False)
+
+
+def _results(attr: grass.Attributor, test) -> dict[str, torch.Tensor]:
+    values, indices = attr.top_k(test, TOP)
+    return {"scores": attr.attribute(test), "top_values": values, "top_indices": indices,
+            "self_influence": attr.self_influence(),
+            **{f"fisher/{n}": f for n, f in distributed.fisher(attr.store).items()}}
+
+
+def _counting(loss_fn, counter: list[int], die_after: int | None):
+    """loss_fn that counts the examples it sees and, after ``die_after`` batches, kills the
+    process the hard way (no cleanup, no exception): what a preempted node does."""
+    def loss(model, batch):
+        if die_after is not None and counter[1] == die_after:
+            os._exit(17)
+        counter[0] += batch[0].shape[0]
+        counter[1] += 1
+        return loss_fn(model, batch)
+    return loss
+
+
+def _worker(rank: int, world: int, port: int, store: str, out: str, die: tuple[int, int] | None):
+    """One rank: cache, score, save the results (rank 0) and its example count."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        counter = [0, 0]
+        victim, after = die if die is not None else (-1, None)
+        loss = _counting(per_example_loss, counter, after if rank == victim else None)
+        attr = _attributor(store, loss=loss)
+        attr.cache(_data(N_TRAIN, 1))
+        cached = counter[0]  # before scoring, which captures test examples too
+        results = _results(attr, _data(N_TEST, 2))
+        # Another configuration on the same store: refused on every rank, not only rank 0.
+        try:
+            _attributor(store, seed=1).cache(_data(N_TRAIN, 1))
+            refused = "no"
+        except StoreError as e:
+            refused = str(e)
+        try:
+            _attributor(None).cache(_data(N_TRAIN, 1))
+            in_memory = "no"
+        except ValueError as e:
+            in_memory = str(e)
+        torch.save({"examples": cached, "refused": refused, "in_memory": in_memory,
+                    "results": results}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, store, out, die=None) -> None:
+    """Run ``world`` ranks of _worker; raises ProcessExitedException if one dies."""
+    os.makedirs(out, exist_ok=True)
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(store), str(out), die),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process run: the store rows and results every distributed run must match."""
+    path = tmp_path_factory.mktemp("single") / "store"
+    attr = _attributor(path)
+    attr.cache(_data(N_TRAIN, 1))
+    return attr.store.read(0, N_TRAIN), _results(attr, _data(N_TEST, 2))
+
+
+def _check_run(out, world: int, single) -> list[dict]:
+    rows, expected = single
+    ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    for rank in ranks:
+        assert rank["refused"].startswith("rank 0: the store at") and "config.seed" in rank["refused"]
+        assert "store must be a directory" in rank["in_memory"]
+        for name, value in expected.items():
+            got = rank["results"][name]
+            assert got.shape == value.shape, name
+            if name == "top_indices":
+                assert torch.equal(got, value)
+            else:
+                torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=name)
+    return ranks
+
+
+def test_split_partitions_rows_in_balanced_contiguous_shards():
+    ranges = [(0, 3), (7, 8), (10, 20), (25, 26)]
+    rows = [i for a, b in ranges for i in range(a, b)]
+    for parts in (1, 2, 3, 5, 20):
+        shards = [distributed.split(ranges, parts, r) for r in range(parts)]
+        got = [i for shard in shards for a, b in shard for i in range(a, b)]
+        assert got == rows
+        sizes = [sum(b - a for a, b in shard) for shard in shards]
+        assert max(sizes) - min(sizes) <= 1
+    assert distributed.split([], 3, 1) == []
+
+
+def test_two_ranks_match_single_process(tmp_path, single):
+    _launch(2, tmp_path / "store", tmp_path / "out")
+    ranks = _check_run(tmp_path / "out", 2, single)
+    store = grass.GradientStore.load(tmp_path / "store")
+    assert torch.equal(store.read(0, N_TRAIN), single[0])  # same batches, same bits
+    assert sorted(os.listdir(tmp_path / "store" / "progress")) == ["rank0.json", "rank1.json"]
+    assert sum(r["examples"] for r in ranks) <= N_TRAIN + BATCH  # one batch may straddle shards
+
+
+def test_killed_rank_resumes_with_another_world_size(tmp_path, single):
+    path = tmp_path / "store"
+    with pytest.raises(mp.ProcessExitedException, match="exit code 17"):
+        _launch(2, path, tmp_path / "killed", die=(1, 3))  # rank 1 dies in its 4th batch
+    missing = grass.GradientStore.load(path).missing()
+    n_missing = sum(b - a for a, b in missing)
+    assert 0 < n_missing < N_TRAIN  # rank 1 wrote 3 batches before it died
+    _launch(3, path, tmp_path / "resumed")
+    ranks = _check_run(tmp_path / "resumed", 3, single)
+    # Only missing rows were computed (plus partial batches at shard edges), not the store.
+    assert n_missing <= sum(r["examples"] for r in ranks) <= n_missing + 3 * BATCH
+    assert torch.equal(grass.GradientStore.load(path).read(0, N_TRAIN), single[0])
