@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import tempfile
 import json
 import time
 import traceback
@@ -97,6 +98,9 @@ def ours_layer(model, compressor, acts, grads) -> Callable[[], object]:
 
 
 # -- dattri --------------------------------------------------------------------------------------
+_SCRATCH = tempfile.mkdtemp(prefix="grass-peers-")
+
+
 def _dattri_attributor(model, cls_name: str, loader):
     from dattri import algorithm
     from dattri.task import AttributionTask
@@ -107,8 +111,10 @@ def _dattri_attributor(model, cls_name: str, loader):
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
     layers = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
+    # dattri writes batch_metadata.json into cache_dir (default: the working directory).
     return getattr(algorithm, cls_name)(task, layer_names=layers, hessian="Identity",
-                                        device="cpu", proj_dim=K, offload="cpu")
+                                        device="cpu", proj_dim=K, offload="cpu",
+                                        cache_dir=_SCRATCH)
 
 
 def _dattri_loader(data: torch.Tensor) -> DataLoader:
@@ -136,8 +142,6 @@ def dattri_layer(model, data, cls_name: str, acts, grads) -> Callable[[], object
 # -- bergson -------------------------------------------------------------------------------------
 def bergson_collect(model, data) -> Callable[[], object]:
     """bergson's collect_gradients into a fresh run directory (its on-disk index) per call."""
-    import tempfile
-
     from datasets import Dataset
     from bergson.collection import collect_gradients
     from bergson.config.config import IndexConfig
