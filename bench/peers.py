@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import tempfile
 import json
+import tempfile
 import time
 import traceback
 from pathlib import Path
