@@ -314,8 +314,8 @@ class Attributor:
             self._compute(source, missing, write, "grass cache")
         distributed.barrier()  # every rank's rows are on disk before anyone reads them
         if self.hessian == "efim":
-            precondition = Preconditioner.efim(distributed.fisher(store, self.chunk_size),
-                                               store.offsets, self.damping)
+            fishers = distributed.fisher(store, self.chunk_size, self.device)
+            precondition = Preconditioner.efim(fishers, store.offsets, self.damping)
         else:
             precondition = Preconditioner.identity(store.offsets)
         self.store = store

@@ -127,17 +127,16 @@ def open_store(path: str | os.PathLike | None, **options) -> GradientStore:
     return store
 
 
-def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
-    """Per-layer empirical Fisher, name -> (k_l, k_l) fp32, summed over ranks' row shares."""
-    mats = fisher_sums(store, own_rows(store.n_rows), chunk_size)
-    if active():
-        device = _device()
-        for name, mat in mats.items():
-            total = mat.to(device)
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            mats[name] = total.cpu()
-    for mat in mats.values():
-        mat /= store.n_rows
+def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
+           device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer empirical Fisher, name -> (k_l, k_l) fp32 on the CPU, each rank summing its
+    row share on ``device`` (the rank's capture device), all-reduced over ranks."""
+    mats = fisher_sums(store, own_rows(store.n_rows), chunk_size, device)
+    for name, mat in mats.items():
+        if active():
+            mat = mat.to(_device())
+            dist.all_reduce(mat, op=dist.ReduceOp.SUM)
+        mats[name] = mat.cpu() / store.n_rows
     return mats
 
 
