@@ -26,7 +26,8 @@ from grass.data import load_digits, per_example_loss
 def _setup() -> torch.device:
     """Join the torchrun process group if launched by torchrun; the device of this rank."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)  # nccl collectives run on the current device
     if "RANK" in os.environ:  # set by torchrun / srun wrappers that export the env:// variables

@@ -124,7 +124,8 @@ def _check_run(out, world: int, single) -> list[dict]:
     rows, expected = single
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
     for rank in ranks:
-        assert rank["refused"].startswith("rank 0: the store at") and "config.seed" in rank["refused"]
+        assert rank["refused"].startswith("rank 0: the store at")
+        assert "config.seed" in rank["refused"]
         assert "store must be a directory" in rank["in_memory"]
         for name, value in expected.items():
             got = rank["results"][name]
