@@ -46,6 +46,13 @@ inline void check_codes(const at::Tensor& codes, const char* name, int64_t rows,
   check_same_device(codes, name, ref);
 }
 
+// k outputs for codes with c = codes.size(1) copies per coordinate: 1 <= c <= k (ValueError).
+inline void check_k(int64_t k, const at::Tensor& codes, const char* name = "k") {
+  TORCH_CHECK_VALUE(k >= 1, name, " must be positive, got ", k);
+  TORCH_CHECK_VALUE(codes.size(1) <= k, "codes has c = ", codes.size(1),
+                    " copies per coordinate but ", name, " = ", k, " (need c <= ", name, ")");
+}
+
 // indices: int64 (n) on ref's device.
 inline void check_indices(const at::Tensor& idx, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());

@@ -380,3 +380,7 @@ def test_native_ops_reject_bad_tables():
         ops.sjlt(X, good, 8)
     with pytest.raises(RuntimeError, match="codes must be int32"):
         ops.sjlt(X, _tables.sjlt_codes(40, 8, 2, 0).long(), 8)
+    with pytest.raises(ValueError, match=r"c = 2 copies per coordinate but k = 1"):
+        ops.sjlt(X, _tables.sjlt_codes(40, 8, 2, 0), 1)
+    with pytest.raises(ValueError, match="k must be positive"):
+        ops.grass(X, torch.tensor([1, 2, 3]), good, 0, 1.0)

@@ -104,8 +104,10 @@ struct Sketch {
   const float* weight = nullptr;
   int64_t c;
 
-  Sketch(const at::Tensor& codes, int64_t rows, int64_t k, const at::Tensor& ref, const char* name) {
+  Sketch(const at::Tensor& codes, int64_t rows, int64_t k, const at::Tensor& ref, const char* name,
+         const char* k_name) {
     check_codes(codes, name, rows, ref);
+    check_k(k, codes, k_name);
     auto cc = codes.contiguous();
     c = cc.size(1);
     buckets = at::empty_like(cc);
@@ -367,7 +369,6 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   check_linear(acts, grads, token_mask);
   check_indices(in_indices, "in_indices", acts);
   check_indices(out_indices, "out_indices", acts);
-  TORCH_CHECK(k >= 1, "k must be positive, got ", k);
   const int64_t d_in = acts.size(2), d_out = grads.size(2);
   const int64_t n_in = in_indices.numel(), n_out = out_indices.numel();
   const Rows x(acts), g(grads);
@@ -376,7 +377,7 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   auto off_out = column_offsets(out_indices, d_out, d_out, g.sd, "out_indices", no_bias);
   const int64_t* oi = off_in.data_ptr<int64_t>();
   const int64_t* oo = off_out.data_ptr<int64_t>();
-  const Sketch sk(codes, n_out * n_in, k, acts, "codes");
+  const Sketch sk(codes, n_out * n_in, k, acts, "codes", "k");
   const TokenMask mask(token_mask, acts.size(1));
   const float s = static_cast<float>(scale);
 
@@ -459,11 +460,9 @@ at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
                          const at::Tensor& codes_in, const at::Tensor& codes_out, int64_t k_in,
                          int64_t k_out, const std::optional<at::Tensor>& token_mask, bool bias) {
   check_linear(acts, grads, token_mask);
-  TORCH_CHECK(k_in >= 1 && k_out >= 1, "k_in and k_out must be positive, got ", k_in, ", ",
-              k_out);
   const int64_t d_in = acts.size(2), d_out = grads.size(2);
-  const Sketch sk_in(codes_in, d_in + bias, k_in, acts, "codes_in");
-  const Sketch sk_out(codes_out, d_out, k_out, acts, "codes_out");
+  const Sketch sk_in(codes_in, d_in + bias, k_in, acts, "codes_in", "k_in");
+  const Sketch sk_out(codes_out, d_out, k_out, acts, "codes_out", "k_out");
   const Rows x(acts), g(grads);
   const TokenMask mask(token_mask, acts.size(1));
 

@@ -264,12 +264,6 @@ void check_code_range(const at::Tensor& codes, int64_t k) {
                     largest);
 }
 
-void check_k(int64_t k, const at::Tensor& codes) {
-  TORCH_CHECK_VALUE(k >= 1, "k must be positive, got ", k);
-  TORCH_CHECK_VALUE(codes.size(1) <= k, "codes has c = ", codes.size(1),
-                    " copies per coordinate but k = ", k, " (need c <= k)");
-}
-
 at::Tensor sjlt_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, int64_t k) {
   check_float(x_in, "x", 2);
   check_codes(codes_in, "codes", x_in.size(1), x_in);

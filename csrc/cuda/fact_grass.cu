@@ -130,8 +130,7 @@ at::Tensor fact_grass(const at::Tensor& acts_in, const at::Tensor& grads_in,
   check_indices(in_indices, "in_indices", acts_in);
   check_indices(out_indices, "out_indices", acts_in);
   check_codes(codes_in, "codes", in_indices.numel() * out_indices.numel(), acts_in);
-  TORCH_CHECK(k >= 1 && codes_in.size(1) <= k, "k must be at least c = ", codes_in.size(1),
-              ", got ", k);
+  check_k(k, codes_in);
   const at::cuda::CUDAGuard guard(acts_in.device());
   const LinearInputs in(acts_in, grads_in, token_mask);
   const at::Tensor in_idx = in_indices.contiguous();

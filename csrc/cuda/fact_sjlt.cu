@@ -134,9 +134,8 @@ at::Tensor fact_sjlt(const at::Tensor& acts_in, const at::Tensor& grads_in,
   TORCH_CHECK(codes_in_t.size(1) == codes_out_t.size(1),
               "codes_in and codes_out must have the same c, got ", codes_in_t.size(1), " and ",
               codes_out_t.size(1));
-  TORCH_CHECK(k_in >= codes_in_t.size(1) && k_out >= codes_in_t.size(1),
-              "k_in and k_out must be at least c = ", codes_in_t.size(1), ", got ", k_in, " and ",
-              k_out);
+  check_k(k_in, codes_in_t, "k_in");
+  check_k(k_out, codes_out_t, "k_out");
   const at::cuda::CUDAGuard guard(acts_in.device());
   const LinearInputs in(acts_in, grads_in, token_mask);
   const at::Tensor codes_in = codes_in_t.contiguous();

@@ -175,15 +175,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_sizes(int64_t k, const at::Tensor& codes) {
-  TORCH_CHECK(k >= 1, "k must be positive, got ", k);
-  TORCH_CHECK(codes.size(1) <= k, "c = ", codes.size(1), " must be at most k = ", k);
-}
-
 at::Tensor sjlt(const at::Tensor& x, const at::Tensor& codes, int64_t k) {
   check_float(x, "x", 2);
   check_codes(codes, "codes", x.size(1), x);
-  check_sizes(k, codes);
+  check_k(k, codes);
   return sjlt_rows(x, nullptr, codes.contiguous(), k, 1.0);
 }
 
@@ -192,7 +187,7 @@ at::Tensor grass(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
   check_float(x, "x", 2);
   check_indices(indices, "indices", x);
   check_codes(codes, "codes", indices.numel(), x);
-  check_sizes(k, codes);
+  check_k(k, codes);
   const at::Tensor idx = indices.contiguous();
   return sjlt_rows(x, &idx, codes.contiguous(), k, scale);
 }
@@ -200,7 +195,7 @@ at::Tensor grass(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
 at::Tensor sjlt_transpose(const at::Tensor& y_in, const at::Tensor& codes_in) {
   check_float(y_in, "y", 2);
   check_codes(codes_in, "codes", codes_in.size(0), y_in);
-  check_sizes(y_in.size(1), codes_in);
+  check_k(y_in.size(1), codes_in);
   const at::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous();
   const at::Tensor codes = codes_in.contiguous();
