@@ -37,8 +37,11 @@ $(CMAKE_VENV)/.deps:
 	$(CMAKE_VENV)/bin/python -m pip install -q --disable-pip-version-check $(CMAKE_TORCH) numpy cmake ninja
 	touch $@
 
+# Built portable (no -march=native): the smoke test then runs the kernels' paths for CPUs
+# without AVX-512 (portable outer-product block, transposing sketch) against the reference.
 cmake-check: $(CMAKE_VENV)/.deps
 	$(CMAKE_VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DGRASS_KERNELS_PORTABLE=ON \
 	  -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(CMAKE_VENV)/bin/ninja \
 	  -DCMAKE_PREFIX_PATH="$$($(CMAKE_VENV)/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(CMAKE_VENV)/bin/cmake --build build/cmake

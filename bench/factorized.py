@@ -25,7 +25,10 @@ side.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -54,11 +57,28 @@ QUICK_SHAPES = ("gpt2 c_fc", "llama q_proj", "llama up_proj")
 PATH_SHAPES = [(32, 16, 2048), (64, 16, 2048), (256, 4, 1024)]
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silences what native code writes to fd 2 (kineto prints a few status lines per profiler
+    session, which would bury the tables); Python exceptions still surface afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes held by ATen's CPU allocator during ``fn()`` beyond those held before."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     held = peak = 0

@@ -82,10 +82,10 @@ def _logra(acts, grads, mask, bias, backend, k=(5, 7), **kw):
     return out, _flat(_kron(p_out, p_in), _gradient(acts, grads, mask, bias))
 
 
-def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, **kw):
+def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6, 9), **kw):
     d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, 9), seed=3)
-    out_idx = gk.random_indices(d_out, min(d_out, 6), seed=4)
+    in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, n[1]), seed=3)
+    out_idx = gk.random_indices(d_out, min(d_out, n[0]), seed=4)
     out = gk.fact_grass(
         acts, grads, k, in_indices=in_idx, out_indices=out_idx, c=c, seed=5, bias=bias,
         token_mask=mask, backend=backend, **kw,
@@ -137,6 +137,40 @@ def test_fact_grass_all_input_columns(backend, bias):
     acts, grads, mask = _inputs((3, 5, 11, 7), torch.float32, "bool")
     out, expected = _fact_grass(acts, grads, mask, bias, backend, full_in=True)
     assert rel_err(out, expected) < RTOL[torch.float32]
+
+
+# (B, T, d_in, d_out, k_o', k_i'): the CPU kernel packs the masked columns into panels of
+# 8 (outputs) and 32 (inputs) for its outer-product kernel and gathers a row's columns row by
+# row where they are dense in it, column by column down a tile of tokens where they are sparse
+# (under half of the row's cache lines). These sizes span several panels with a partial last
+# one, both gather orders on either side, and T past one tile (512 tokens).
+PANEL_SHAPES = {
+    "dense": (3, 37, 70, 45, 19, 41),
+    "sparse": (2, 29, 1500, 1100, 21, 71),
+    "mixed": (2, 600, 1500, 45, 9, 33),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(PANEL_SHAPES))
+def test_fact_grass_panels_and_gather_orders(shape, dtype):
+    b, t, d_in, d_out, n_out, n_in = PANEL_SHAPES[shape]
+    for mask_kind in MASKS:
+        acts, grads, mask = _inputs((b, t, d_in, d_out), dtype, mask_kind)
+        out, expected = _fact_grass(acts, grads, mask, True, "cpu", n=(n_out, n_in))
+        assert rel_err(out, expected) < RTOL[dtype], mask_kind
+
+
+def test_fact_grass_masked_tokens_never_read():
+    """Masked tokens may hold non-finite values (padding): they must not reach the output,
+    in either gather order."""
+    for d_in in (40, 3000):
+        acts, grads, mask = _inputs((2, 9, d_in, 20), torch.float32, "bool")
+        dirty = acts.clone()
+        dirty[~mask] = float("nan")
+        clean, _ = _fact_grass(acts, grads, mask, True, "cpu", n=(6, 20))
+        out, _ = _fact_grass(dirty, grads, mask, True, "cpu", n=(6, 20))
+        assert torch.isfinite(out).all() and torch.equal(out, clean)
 
 
 def test_strided_inputs():

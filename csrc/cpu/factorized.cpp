@@ -6,20 +6,24 @@
 //     U (tokens x n_out) from grads,   V (tokens x n_in) from acts (token mask and bias folded in)
 // and accumulate A += U^T V (n_out x n_in) in a per-thread buffer; at the end of the example
 // A is written out (logra, fact_sjlt) or scaled and scattered into the SJLT buckets
-// (fact_grass). What differs is how U and V are filled:
-//     fact_grass  gather the k_o' / k_i' masked columns (index d_in of acts = virtual 1.0),
-//                 prefetching the columns of a row a few rows ahead (a gather of scattered
-//                 columns is otherwise latency-bound)
+// (fact_grass). What differs is how U and V are filled and multiplied:
+//     fact_grass  gather the k_o' / k_i' masked columns (index d_in of acts = virtual 1.0)
+//                 straight into the panel layout of our own register-blocked outer-product
+//                 kernel (outer_panels): row by row where the columns are dense in a row,
+//                 column by column down the tile where they are sparse (sparse_columns)
 //     logra       project the rows: X P_in^T, Delta P_out^T (bias: + P_in[:, d_in])
 //     fact_sjlt   hash-scatter the rows into k_in / k_out buckets, 16 tokens at a time as one
 //                 AVX-512 vector per bucket (the tiles are then token-minor)
 // Nothing proportional to B*T*k or B*d_out*d_in is ever allocated: the workspace is
 // threads x (tile rows x (n_in + n_out + one converted input row) + n_out x n_in) floats.
 //
-// The dense products (A += U^T V and logra's projections) go to ATen's addmm / mm on
-// from_blob views of the per-thread buffers, i.e. MKL's sgemm, called from inside our
-// parallel region, where it runs single-threaded: it is faster than a hand-written
-// micro-kernel would be and its call overhead (a few microseconds) is paid once per tile.
+// The dense products of logra and fact_sjlt (A += U^T V and logra's projections) go to ATen's
+// addmm / mm on from_blob views of the per-thread buffers, i.e. MKL's sgemm, called from inside
+// our parallel region, where it runs single-threaded. fact_grass's product, k_o' x k_i' x
+// tokens (128 x 128 x 256 per example in the benchmarks), is most of its time; there MKL
+// packs both operands again and pays its call overhead per tile, while the panel kernel, fed
+// by the gather in its own layout, takes 0.8x MKL's time (286 vs 358 us for four examples,
+// one thread, measured with AVX-512).
 // Parallelism: examples are split over threads; with fewer examples than threads each
 // example's tokens are split into chunks whose results are summed at the end (both the
 // copy-out and the SJLT scatter are linear, so partial results add).
@@ -42,13 +46,20 @@ namespace {
 // Floats per tile (U, V and converted input rows) per thread: ~1 MB, the L2 of this CPU.
 constexpr int64_t kTileFloats = 1 << 18;
 constexpr int64_t kMaxTileRows = 512;
-// How many token rows ahead fact_grass prefetches its gathered columns.
-constexpr int64_t kPrefetchRows = 4;
+// fact_grass's outer-product kernel: one call updates a kMR x kNR block of A held in registers
+// (16 AVX-512 accumulators); U is packed in panels of kMR columns, V in panels of kNR columns,
+// each panel stored token by token (rows x kMR, rows x kNR floats).
+constexpr int64_t kMR = 8;
+constexpr int64_t kNR = 32;
 // fact_sjlt sketches this many tokens at once, as one fp32 vector per bucket (AVX-512 width);
 // without AVX-512 (or for strided rows) it transposes kBlock coordinates of them at a time
 // into an L1 buffer (kBlock x kLanes floats).
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 64;
+// The AVX-512 sketch reads its 16 rows as 16 streams, more than the hardware prefetcher keeps
+// ahead of; it asks for each row's line this many bytes ahead, with the T2 hint: 0.85-0.9x time
+// at the Llama widths (measured; the T0 hint was slower than none, T1 or 2-4 KB no better).
+constexpr int64_t kSketchPrefetch = 1024;
 
 // One (B, T, d) input, read row by row into fp32, whatever its dtype and strides.
 struct Rows {
@@ -67,22 +78,54 @@ struct Rows {
   const char* row(int64_t b, int64_t t) const { return data + (b * sb + t * st) * itemsize; }
 };
 
-// dst[j] = m * x[off[j]] for row (b, t), off in elements. Branch-free, so it vectorises into
-// hardware gathers; the virtual bias column is patched in by the caller.
-void gather_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_t n, float m,
-                float* dst) {
+// Row (b, t) gathered into panels of `width` floats spaced `gap` floats apart (the layout of
+// outer_panels): column j goes to dst[panel_offset(j, width, gap)], as m * x[off[j]], off in
+// elements. Each panel is one contiguous run of stores; the virtual bias column is patched in
+// by the caller.
+void gather_row(const Rows& in, int64_t b, int64_t t, const int64_t* __restrict off, int64_t n,
+                int64_t width, int64_t gap, float m, float* __restrict dst) {
   GRASS_DISPATCH_FLOATING(in.dtype, "gather_row", [&] {
-    const auto* x = reinterpret_cast<const scalar_t*>(in.row(b, t));
-    for (int64_t j = 0; j < n; ++j) dst[j] = m * static_cast<float>(x[off[j]]);
+    const auto* __restrict x = reinterpret_cast<const scalar_t*>(in.row(b, t));
+    for (int64_t j0 = 0; j0 < n; j0 += width, dst += gap) {
+      const int64_t w = std::min(width, n - j0);
+      for (int64_t q = 0; q < w; ++q) dst[q] = m * static_cast<float>(x[off[j0 + q]]);
+    }
   });
 }
 
-// Asks for the cache lines of row (b, t) that gather_row will read: a gather of k' scattered
-// columns is latency-bound otherwise (one miss per column), fetched a few rows ahead it
-// streams like a read.
-void prefetch_row(const Rows& in, int64_t b, int64_t t, const int64_t* off, int64_t n) {
-  const char* row = in.row(b, t);
-  for (int64_t j = 0; j < n; ++j) __builtin_prefetch(row + off[j] * in.itemsize);
+// Where column j of a token lands in panels of `width` floats spaced `gap` floats apart,
+// relative to the token's first float.
+inline int64_t panel_offset(int64_t j, int64_t width, int64_t gap) {
+  return j / width * gap + j % width;
+}
+
+// Tokens t0 .. t0 + rows - 1 of example b gathered column by column into the panel layout:
+// dst[r * row_gap + panel_offset(j, width, gap)] = x[token t0 + r][off[j]]. No token mask: the
+// caller scales (or zeroes) the rows afterwards.
+void gather_tile(const Rows& in, int64_t b, int64_t t0, int64_t rows, const int64_t* __restrict off,
+                 int64_t n, int64_t width, int64_t gap, int64_t row_gap, float* __restrict dst) {
+  GRASS_DISPATCH_FLOATING(in.dtype, "gather_tile", [&] {
+    const auto* __restrict x = reinterpret_cast<const scalar_t*>(in.row(b, t0));
+    const int64_t st = in.st;
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* __restrict col = x + off[j];
+      float* __restrict d = dst + panel_offset(j, width, gap);
+      for (int64_t r = 0; r < rows; ++r) d[r * row_gap] = static_cast<float>(col[r * st]);
+    }
+  });
+}
+
+// Whether gathering the columns `off` (in elements) of a row touches under half of the row's
+// cache lines. Such a sparse gather read row by row is latency-bound (one miss per column,
+// nothing for the hardware prefetcher to follow); read column by column down a tile of rows
+// (gather_tile) it is a set of constant-stride streams, which the prefetcher does follow:
+// 1.1-1.4x faster at the Llama widths, while dense rows (GPT-2 widths) are faster row by row.
+bool sparse_columns(const Rows& in, const int64_t* off, int64_t n, int64_t d) {
+  std::vector<int64_t> lines(n);
+  for (int64_t j = 0; j < n; ++j) lines[j] = off[j] * in.itemsize / 64;
+  std::sort(lines.begin(), lines.end());
+  const int64_t touched = std::unique(lines.begin(), lines.end()) - lines.begin();
+  return touched * 128 < d * in.sd * in.itemsize;
 }
 
 // dst[i] = x[i] for the n = d features of row (b, t); a unit stride gets a vectorisable loop.
@@ -104,8 +147,9 @@ struct Sketch {
   const float* weight = nullptr;
   int64_t c;
 
+  // scale: folded into the weights (fact_grass's mask rescaling).
   Sketch(const at::Tensor& codes, int64_t rows, int64_t k, const at::Tensor& ref, const char* name,
-         const char* k_name) {
+         const char* k_name, float scale = 1.0f) {
     check_codes(codes, name, rows, ref);
     check_k(k, codes, k_name);
     auto cc = codes.contiguous();
@@ -115,7 +159,7 @@ struct Sketch {
     const int32_t* code = cc.data_ptr<int32_t>();
     int32_t* bk = buckets.data_ptr<int32_t>();
     float* wt = weights.data_ptr<float>();
-    const float w = 1.0f / std::sqrt(static_cast<float>(c));
+    const float w = scale / std::sqrt(static_cast<float>(c));
     bool in_range = true;
     for (int64_t e = 0; e < cc.numel(); ++e) {
       bk[e] = code_bucket(code[e]);
@@ -130,6 +174,18 @@ struct Sketch {
   // dst[h(e)] += s(e) / sqrt(c) * v for the c copies of row e.
   void add(int64_t e, float v, float* dst) const {
     for (int64_t j = e * c; j < (e + 1) * c; ++j) dst[bucket[j]] += weight[j] * v;
+  }
+
+  // dst[h(e)] += s(e) / sqrt(c) * v[e - e0] for rows e0 .. e0 + n - 1. c = 1 (the common
+  // case) gets a loop without the per-row copy loop.
+  void add_rows(int64_t e0, int64_t n, const float* __restrict v, float* __restrict dst) const {
+    if (c != 1) {
+      for (int64_t e = 0; e < n; ++e) add(e0 + e, v[e], dst);
+      return;
+    }
+    const int32_t* __restrict bk = bucket + e0;
+    const float* __restrict wt = weight + e0;
+    for (int64_t e = 0; e < n; ++e) dst[bk[e]] += wt[e] * v[e];
   }
 };
 
@@ -194,16 +250,30 @@ template <typename scalar_t>
 int64_t sketch_tokens_avx512(const scalar_t* const* x, const float* m, int64_t n,
                              const Sketch& sk, float* vt, int64_t ld) {
   const int64_t covered = n / kLanes * kLanes;
+  const int32_t* __restrict bucket = sk.bucket;
+  const float* __restrict weight = sk.weight;
+  const int64_t c = sk.c;
   for (int64_t i0 = 0; i0 < covered; i0 += kLanes) {
     __m512 v[16];
+    for (int r = 0; r < 16; ++r) {
+      if (x[r]) _mm_prefetch(reinterpret_cast<const char*>(x[r] + i0) + kSketchPrefetch, _MM_HINT_T2);
+    }
     for (int r = 0; r < 16; ++r) {
       v[r] = x[r] ? _mm512_mul_ps(load16(x[r] + i0), _mm512_set1_ps(m[r])) : _mm512_setzero_ps();
     }
     transpose16(v);
+    if (c == 1) {  // the common case, without the per-coordinate copy loop
+      for (int q = 0; q < 16; ++q) {
+        float* dst = vt + bucket[i0 + q] * ld;
+        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(weight[i0 + q]), v[q],
+                                              _mm512_loadu_ps(dst)));
+      }
+      continue;
+    }
     for (int q = 0; q < 16; ++q) {  // scatter_block with the columns still in registers
-      for (int64_t e = (i0 + q) * sk.c; e < (i0 + q + 1) * sk.c; ++e) {
-        float* dst = vt + sk.bucket[e] * ld;
-        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(sk.weight[e]), v[q],
+      for (int64_t e = (i0 + q) * c; e < (i0 + q + 1) * c; ++e) {
+        float* dst = vt + bucket[e] * ld;
+        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(weight[e]), v[q],
                                               _mm512_loadu_ps(dst)));
       }
     }
@@ -265,6 +335,64 @@ void accumulate_outer(int64_t rows, int64_t n_out, int64_t n_in, float* u, float
   A.addmm_(tile(u, n_out).t(), tile(v, n_in));
 }
 
+// A (kMR x kNR block, row stride lda) += sum over `rows` tokens of u_t v_t^T, where u_t is token
+// t's kMR floats in a U panel and v_t its kNR floats in a V panel. The block stays in registers
+// for the whole token loop: per token, two vector loads of v_t and kMR broadcasts of u_t feed
+// 2 * kMR independent fused multiply-adds.
+#if defined(__AVX512F__)
+static_assert(kNR == 32, "the AVX-512 block holds a row of A in two 16-float vectors");
+void outer_block(int64_t rows, const float* __restrict u, const float* __restrict v, float* a,
+                 int64_t lda) {
+  __m512 lo[kMR], hi[kMR];
+  for (int r = 0; r < kMR; ++r) {
+    lo[r] = _mm512_loadu_ps(a + r * lda);
+    hi[r] = _mm512_loadu_ps(a + r * lda + 16);
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    const __m512 v0 = _mm512_loadu_ps(v + t * kNR), v1 = _mm512_loadu_ps(v + t * kNR + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const __m512 ur = _mm512_set1_ps(u[t * kMR + r]);
+      lo[r] = _mm512_fmadd_ps(ur, v0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(ur, v1, hi[r]);
+    }
+  }
+  for (int r = 0; r < kMR; ++r) {
+    _mm512_storeu_ps(a + r * lda, lo[r]);
+    _mm512_storeu_ps(a + r * lda + 16, hi[r]);
+  }
+}
+#else
+// Portable: the same block in a local array, which the compiler vectorises and keeps in
+// registers where the target has enough of them.
+void outer_block(int64_t rows, const float* __restrict u, const float* __restrict v, float* a,
+                 int64_t lda) {
+  float acc[kMR][kNR];
+  for (int r = 0; r < kMR; ++r) std::copy(a + r * lda, a + r * lda + kNR, acc[r]);
+  for (int64_t t = 0; t < rows; ++t) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const float ur = u[t * kMR + r];
+      for (int j = 0; j < kNR; ++j) acc[r][j] += ur * v[t * kNR + j];
+    }
+  }
+  for (int r = 0; r < kMR; ++r) std::copy(acc[r], acc[r] + kNR, a + r * lda);
+}
+#endif
+
+// A (n_out x n_in, both multiples of the panel widths) += U^T V over `rows` tokens, with U and V
+// in panels of `ld` token rows: U panel p holds columns [p kMR, (p + 1) kMR) at up + p ld kMR.
+// The U panel (rows x kMR) stays in L1 while the V panels stream from L2.
+void outer_panels(int64_t rows, int64_t ld, const float* up, const float* vp, int64_t n_out,
+                  int64_t n_in, float* a) {
+  for (int64_t ob = 0; ob < n_out / kMR; ++ob) {
+    for (int64_t ib = 0; ib < n_in / kNR; ++ib) {
+      outer_block(rows, up + ob * ld * kMR, vp + ib * ld * kNR, a + ob * kMR * n_in + ib * kNR,
+                  n_in);
+    }
+  }
+}
+
 // Y (rows x k) = X P^T: X (rows x d) with row stride ldx, P (k x d) with row stride ldp.
 void project(int64_t rows, int64_t d, int64_t k, const float* x, int64_t ldx, const float* p,
              int64_t ldp, float* y) {
@@ -290,31 +418,46 @@ struct TokenMask {
   float operator()(int64_t b, int64_t t) const { return ptr ? ptr[b * T + t] : 1.0f; }
 };
 
-// The shared driver. fill(b, t0, rows, stride, U, V, scratch) fills the tiles for tokens
-// [t0, t0 + rows) of example b (stride: the row length of token-minor tiles); finish(A, dst) adds example (chunk) results into dst (width).
-// scratch_floats: per-row scratch the fill needs (e.g. one converted input row).
-// token_minor: the fill writes token-minor tiles (see accumulate_outer) in whole groups of
-// kLanes tokens, so the tile length is a multiple of kLanes.
-template <class Fill, class Finish>
-at::Tensor factorized_driver(const at::Tensor& acts, int64_t n_out, int64_t n_in,
-                             int64_t scratch_floats, int64_t width, bool token_minor,
-                             const Fill& fill, const Finish& finish) {
+// How an op's tokens are cut into per-thread work: `chunks` chunks of `chunk_rows` tokens per
+// example (more than one only when there are fewer examples than threads), processed `tile`
+// tokens at a time in tiles with room for `stride` tokens.
+struct Tiling {
+  int64_t n_out, n_in, scratch_floats, chunks, chunk_rows, tile, stride;
+
+  // n_out, n_in: widths of the U and V tiles (and A is n_out x n_in); scratch_floats: per-row
+  // scratch the fill needs (e.g. one converted input row); token_minor: the fill writes
+  // token-minor tiles (see accumulate_outer) in whole groups of kLanes tokens, so the tile
+  // length is a multiple of kLanes.
+  Tiling(const at::Tensor& acts, int64_t n_out_, int64_t n_in_, int64_t scratch, bool token_minor)
+      : n_out(n_out_), n_in(n_in_), scratch_floats(scratch) {
+    const int64_t B = acts.size(0), T = acts.size(1);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    chunks = B >= threads ? 1 : std::min<int64_t>(T, (threads + B - 1) / B);
+    chunk_rows = (T + chunks - 1) / chunks;
+    tile = std::min({std::max<int64_t>(1, kTileFloats / per_row()), kMaxTileRows, chunk_rows});
+    // Token-minor tiles: feature rows of `stride` floats, room for `tile` tokens. The fill
+    // updates one kLanes-float line in each of k rows per token group; a stride of an odd
+    // number of cache lines spreads those lines over all L1 sets (a power of two, e.g. 256
+    // tokens = 1 KB, would pile them into a few sets and evict them constantly).
+    stride = tile;
+    if (token_minor) {
+      tile = (tile + kLanes - 1) / kLanes * kLanes;
+      stride = tile / kLanes % 2 ? tile : tile + kLanes;
+    }
+  }
+  int64_t per_row() const { return n_in + n_out + scratch_floats; }
+};
+
+// The shared driver. tile_fn(b, t0, rows, U, V, scratch, A) fills the tiles for tokens
+// [t0, t0 + rows) of example b and adds their product into A (n_out x n_in); the tiles have
+// room for plan.stride tokens. finish(A, dst) adds example (chunk) results into dst (width).
+template <class Tile, class Finish>
+at::Tensor factorized_driver(const at::Tensor& acts, const Tiling& plan, int64_t width,
+                             const Tile& tile_fn, const Finish& finish) {
   const int64_t B = acts.size(0), T = acts.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunks = B >= threads ? 1 : std::min<int64_t>(T, (threads + B - 1) / B);
-  const int64_t per_row = n_in + n_out + scratch_floats;
-  const int64_t chunk_rows = (T + chunks - 1) / chunks;
-  int64_t tile = std::min({std::max<int64_t>(1, kTileFloats / per_row), kMaxTileRows, chunk_rows});
-  // Token-minor tiles: feature rows of `stride` floats, room for `tile` tokens. The fill
-  // updates one kLanes-float line in each of k rows per token group; a stride of an odd
-  // number of cache lines spreads those lines over all L1 sets (a power of two, e.g. 256
-  // tokens = 1 KB, would pile them into a few sets and evict them constantly).
-  int64_t stride = tile;
-  if (token_minor) {
-    tile = (tile + kLanes - 1) / kLanes * kLanes;
-    stride = tile / kLanes % 2 ? tile : tile + kLanes;
-  }
-  const int64_t per_thread = stride * per_row + n_out * n_in;
+  const int64_t chunks = plan.chunks, stride = plan.stride, n_acc = plan.n_out * plan.n_in;
+  const int64_t per_thread = stride * plan.per_row() + n_acc;
   auto fopts = acts.options().dtype(at::kFloat);
   // Workspace from ATen's allocator, so memory profilers see it like any other allocation.
   auto workspace = at::empty({threads, per_thread}, fopts);
@@ -324,17 +467,15 @@ at::Tensor factorized_driver(const at::Tensor& acts, int64_t n_out, int64_t n_in
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t lo, int64_t hi) {
     float* u = ws + at::get_thread_num() * per_thread;
-    float* v = u + stride * n_out;
-    float* scratch = v + stride * n_in;
-    float* acc = scratch + stride * scratch_floats;
+    float* v = u + stride * plan.n_out;
+    float* scratch = v + stride * plan.n_in;
+    float* acc = scratch + stride * plan.scratch_floats;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / chunks, chunk = item % chunks;
-      const int64_t t_end = std::min(T, (chunk + 1) * chunk_rows);
-      std::fill(acc, acc + n_out * n_in, 0.0f);
-      for (int64_t t0 = chunk * chunk_rows; t0 < t_end; t0 += tile) {
-        const int64_t rows = std::min(tile, t_end - t0);
-        fill(b, t0, rows, stride, u, v, scratch);
-        accumulate_outer(rows, n_out, n_in, u, v, acc, token_minor ? stride : 0);
+      const int64_t t_end = std::min(T, (chunk + 1) * plan.chunk_rows);
+      std::fill(acc, acc + n_acc, 0.0f);
+      for (int64_t t0 = chunk * plan.chunk_rows; t0 < t_end; t0 += plan.tile) {
+        tile_fn(b, t0, std::min(plan.tile, t_end - t0), u, v, scratch, acc);
       }
       finish(acc, out_ptr + item * width);
     }
@@ -377,31 +518,47 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   auto off_out = column_offsets(out_indices, d_out, d_out, g.sd, "out_indices", no_bias);
   const int64_t* oi = off_in.data_ptr<int64_t>();
   const int64_t* oo = off_out.data_ptr<int64_t>();
-  const Sketch sk(codes, n_out * n_in, k, acts, "codes", "k");
+  const Sketch sk(codes, n_out * n_in, k, acts, "codes", "k", static_cast<float>(scale));
   const TokenMask mask(token_mask, acts.size(1));
-  const float s = static_cast<float>(scale);
 
-  const int64_t T = acts.size(1);
-  auto fill = [&](int64_t b, int64_t t0, int64_t rows, int64_t, float* u, float* v, float*) {
+  // U and V in the panel layout of outer_panels, widths rounded up to whole panels. The pad
+  // lanes only ever meet A's pad rows / columns, which finish never reads; they are zeroed
+  // (a few floats per token) so they never carry stale non-finite values into A.
+  const int64_t n_out_pad = (n_out + kMR - 1) / kMR * kMR;
+  const int64_t n_in_pad = (n_in + kNR - 1) / kNR * kNR;
+  const Tiling plan(acts, n_out_pad, n_in_pad, 0, false);
+  const int64_t gap_out = plan.stride * kMR, gap_in = plan.stride * kNR;
+  auto zero = [](int64_t begin, int64_t end, int64_t width, int64_t gap, float* dst) {
+    for (int64_t j = begin; j < end; ++j) dst[panel_offset(j, width, gap)] = 0.0f;
+  };
+  const bool col_x = sparse_columns(x, oi, n_in, d_in), col_g = sparse_columns(g, oo, n_out, d_out);
+  auto tile = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*, float* acc) {
+    if (col_g) gather_tile(g, b, t0, rows, oo, n_out, kMR, gap_out, kMR, u);
+    if (col_x) gather_tile(x, b, t0, rows, oi, n_in, kNR, gap_in, kNR, v);
     for (int64_t r = 0; r < rows; ++r) {
       const float m = mask(b, t0 + r);
-      if (t0 + r + kPrefetchRows < T) {
-        prefetch_row(g, b, t0 + r + kPrefetchRows, oo, n_out);
-        prefetch_row(x, b, t0 + r + kPrefetchRows, oi, n_in);
-      }
-      gather_row(g, b, t0 + r, oo, n_out, 1.0f, u + r * n_out);
+      float* ur = u + r * kMR;
+      float* vr = v + r * kNR;
+      if (!col_g) gather_row(g, b, t0 + r, oo, n_out, kMR, gap_out, 1.0f, ur);
       if (m == 0.0f) {
-        std::fill(v + r * n_in, v + (r + 1) * n_in, 0.0f);  // padding: skip the read
-      } else {
-        gather_row(x, b, t0 + r, oi, n_in, m, v + r * n_in);
-        if (bias_pos >= 0) v[r * n_in + bias_pos] = m;
+        zero(0, n_in, kNR, gap_in, vr);  // padding: never use what a masked token holds
+      } else if (!col_x) {
+        gather_row(x, b, t0 + r, oi, n_in, kNR, gap_in, m, vr);
+      } else if (m != 1.0f) {
+        for (int64_t j = 0; j < n_in; ++j) vr[panel_offset(j, kNR, gap_in)] *= m;
       }
+      if (bias_pos >= 0) vr[panel_offset(bias_pos, kNR, gap_in)] = m;
+      zero(n_out, n_out_pad, kMR, gap_out, ur);
+      zero(n_in, n_in_pad, kNR, gap_in, vr);
     }
+    outer_panels(rows, plan.stride, u, v, n_out_pad, n_in_pad, acc);
   };
   auto finish = [&](const float* acc, float* dst) {
-    for (int64_t e = 0; e < n_out * n_in; ++e) sk.add(e, s * acc[e], dst);
+    for (int64_t o = 0; o < n_out; ++o) {
+      sk.add_rows(o * n_in, n_in, acc + o * n_in_pad, dst);
+    }
   };
-  return factorized_driver(acts, n_out, n_in, 0, k, false, fill, finish);
+  return factorized_driver(acts, plan, k, tile, finish);
 }
 
 at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::Tensor& p_in,
@@ -441,7 +598,8 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
     for (int64_t r = 0; r < rows; ++r) load_row(in, b, t0 + r, d, buf + r * d);
     project(rows, d, k, buf, d, p, ldp, y);
   };
-  auto fill = [&](int64_t b, int64_t t0, int64_t rows, int64_t, float* u, float* v, float* buf) {
+  auto tile = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float* buf,
+                  float* acc) {
     project_rows(x, direct_x, d_in, b, t0, rows, pin, d_in + bias, k_in, v, buf);
     if (pb || mask.ptr) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -451,9 +609,11 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
       }
     }
     project_rows(g, direct_g, d_out, b, t0, rows, pout, d_out, k_out, u, buf);
+    accumulate_outer(rows, k_out, k_in, u, v, acc, 0);
   };
   auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
-  return factorized_driver(acts, k_out, k_in, scratch, k_out * k_in, false, fill, finish);
+  return factorized_driver(acts, Tiling(acts, k_out, k_in, scratch, false), k_out * k_in, tile,
+                           finish);
 }
 
 at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
@@ -467,7 +627,9 @@ at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
   const TokenMask mask(token_mask, acts.size(1));
 
   // Token-minor tiles: feature rows of ld floats, tokens in groups of kLanes.
-  auto fill = [&](int64_t b, int64_t t0, int64_t rows, int64_t ld, float* u, float* v, float*) {
+  const Tiling plan(acts, k_out, k_in, 0, true);
+  const int64_t ld = plan.stride;
+  auto tile = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*, float* acc) {
     for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
       const int64_t lanes = std::min(kLanes, rows - r0);
       float m[kLanes], ones[kLanes];
@@ -478,9 +640,10 @@ at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
       sketch_tokens(x, b, t0 + r0, lanes, d_in, bias, m, sk_in, k_in, v + r0, ld);
       sketch_tokens(g, b, t0 + r0, lanes, d_out, false, ones, sk_out, k_out, u + r0, ld);
     }
+    accumulate_outer(rows, k_out, k_in, u, v, acc, ld);
   };
   auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
-  return factorized_driver(acts, k_out, k_in, 0, k_out * k_in, true, fill, finish);
+  return factorized_driver(acts, plan, k_out * k_in, tile, finish);
 }
 
 }  // namespace
