@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only flat|factorized] [--out FILE.md]`: the microbenchmark tables.
+"""`python -m bench [--quick] [--only flat|factorized] [--threads N] [--out FILE.md]`: the tables.
 
 Re-executes itself first with the malloc thresholds of ``bench.timing.MALLOC_ENV`` so that every
 side of every comparison runs under the same allocator settings, then prints one table per
@@ -28,8 +28,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--only", choices=sorted(TABLES), help="run one benchmark module")
     parser.add_argument("--out", metavar="FILE.md", help="also write the tables to this file")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads for every side (default: torch's)"
+    )
     args = parser.parse_args()
     ensure_malloc_env()
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     sections = [_header()]
     print(sections[0], flush=True)

@@ -2,7 +2,8 @@
 
 Shapes: GPT-2-small and Llama-3.1-8B linear layers, B x T = 4 x 256 tokens, fp32, k = 4096
 (LoGra 64 x 64, FactGraSS 128 x 128 -> 4096 with c = 1, FactSJLT 64 x 64). Every number in a
-row is measured side by side in one process, under the malloc thresholds of
+row is measured side by side in one process (medians over 15 rounds that run every side in
+turn, ``bench.timing.interleaved_ms``), under the malloc thresholds of
 ``bench.timing.MALLOC_ENV`` (``python -m bench`` sets them).
 
 Baselines:
@@ -37,7 +38,7 @@ import grass_kernels as gk
 from grass_kernels import _tables
 from grass_kernels.factorized import _flops
 
-from .timing import measure
+from .timing import interleaved_ms, measure
 
 B, T, K = 4, 256, 4096
 LOGRA_K, GRASS_K, SJLT_K = 64, 128, 64
@@ -101,8 +102,8 @@ def _logra_torch(acts, grads, p_in, p_out):
     return torch.einsum("bto,bti->boi", grads @ p_out.T, acts @ p_in.T).flatten(1)
 
 
-def _ms(fn, quick: bool) -> float:
-    return 1e3 * measure(fn, warmup=1, repeats=3 if quick else 7, min_time=0 if quick else 0.5)
+def _rounds(quick: bool) -> int:
+    return 3 if quick else 15
 
 
 def _row(name: str, d_in: int, d_out: int, quick: bool) -> dict:
@@ -129,11 +130,14 @@ def _row(name: str, d_in: int, d_out: int, quick: bool) -> dict:
         ),
         "read": lambda: acts.sum() + grads.sum(),
     }
-    if not quick:
-        sides["materialise"] = lambda: torch.bmm(grads.transpose(1, 2), acts)
     # The fused op is checked against its unfused twin before it is timed.
     assert torch.allclose(sides["fact_grass"](), sides["unfused"](), rtol=1e-4, atol=1e-3)
-    ms = {side: _ms(fn, quick) for side, fn in sides.items()}
+    ms = interleaved_ms(sides, _rounds(quick))
+    if not quick:
+        # Timed apart, after the rounds: it writes B x d_out x d_in floats (27-896 MB), which
+        # would flush the caches every other side works from in each round.
+        sides["materialise"] = lambda: torch.bmm(grads.transpose(1, 2), acts)
+        ms["materialise"] = 1e3 * measure(sides["materialise"], warmup=1, repeats=3)
     row = {"layer": f"{name} {d_in}x{d_out}"}
     row.update({f"{side} ms": f"{t:.2f}" for side, t in ms.items()})
     row["logra_torch/fact_grass"] = f"{ms['logra_torch'] / ms['fact_grass']:.1f}x"
@@ -167,8 +171,9 @@ def path_table(quick: bool = False) -> list[dict]:
             "logra": lambda path: gk.logra(acts, grads, p_in=p, p_out=p, path=path),
         }
         for op, fn in ops.items():
-            fused = _ms(lambda: fn("factorized"), quick)
-            materialised = _ms(lambda: fn("materialize"), quick)
+            paths = {path: (lambda path=path: fn(path)) for path in ("factorized", "materialize")}
+            ms = interleaved_ms(paths, _rounds(quick))
+            fused, materialised = ms["factorized"], ms["materialize"]
             factorized_flops, materialize_flops = _flops(op, t, d, d, SJLT_K, SJLT_K)
             rows.append({
                 "op": op,

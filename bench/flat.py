@@ -17,14 +17,13 @@ Sides:
 
 from __future__ import annotations
 
-import statistics
 
 import torch
 
 import grass_kernels as gk
 from grass_kernels import _tables, reference
 
-from .timing import measure
+from .timing import interleaved_ms, measure
 
 N = 32
 DS = (10**5, 10**6, 10**7)
@@ -32,18 +31,6 @@ KS = (4096, 8192)
 CS = (1, 4)
 BLOWUP = 4
 GAUSSIAN_MAX_D = 10**6
-
-
-def _interleaved_ms(sides: dict, rounds: int) -> dict[str, float]:
-    """Median ms per side over ``rounds`` rounds that run every side once, in turn: on a
-    shared machine a burst of load then hits all sides of a comparison alike."""
-    times = {side: [] for side in sides}
-    for fn in sides.values():
-        fn()  # warm-up: tables, caches, thread pool
-    for _ in range(rounds):
-        for side, fn in sides.items():
-            times[side].append(measure(fn, warmup=0, repeats=1))
-    return {side: 1e3 * statistics.median(t) for side, t in times.items()}
 
 
 def _gaussian_ms(x: torch.Tensor, k: int) -> float:
@@ -64,7 +51,7 @@ def _row(x: torch.Tensor, k: int, c: int, gaussian_ms: float | None, quick: bool
     # The kernels are checked against their baselines before they are timed.
     assert torch.allclose(sides["sjlt"](), sides["index_add"](), rtol=1e-4, atol=1e-3)
     assert torch.allclose(sides["grass"](), sides["unfused"](), rtol=1e-4, atol=1e-3)
-    ms = _interleaved_ms(sides, 3 if quick or d * c > 10**7 else 9)
+    ms = interleaved_ms(sides, 3 if quick or d * c > 10**7 else 9)
     row = {"D": f"{d:.0e}", "k": k, "c": c}
     row.update({f"{side} ms": f"{t:.2f}" for side, t in ms.items()})
     row["gaussian ms"] = f"{gaussian_ms:.0f}" if gaussian_ms else "not run (minutes)"

@@ -8,6 +8,7 @@ thresholds set, so every side of every comparison runs under the same allocator 
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -60,6 +61,36 @@ def measure(
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_ms(
+    sides: dict[str, Callable[[], object]],
+    rounds: int,
+    *,
+    round_s: float = 0.005,
+    device: torch.device | str | None = "cpu",
+) -> dict[str, float]:
+    """Median ms per call of every side over ``rounds`` rounds that run each side in turn.
+
+    On a shared machine a burst of load then hits all sides of a comparison alike, where
+    timing one side after another would hand it to whichever side ran at the time. Within a
+    round a side runs enough back-to-back calls to fill about ``round_s`` seconds (one call
+    when a call is longer), so sub-millisecond kernels are not timed one call at a time.
+    """
+    calls = {}
+    for side, fn in sides.items():  # warm-up (tables, caches, thread pool) and calibration
+        fn()
+        once = measure(fn, device=device, warmup=0, repeats=1)
+        calls[side] = max(1, min(1000, math.ceil(round_s / max(once, 1e-9))))
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, fn in sides.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[side]):
+                fn()
+            _sync(device)
+            times[side].append((time.perf_counter() - t0) / calls[side])
+    return {side: 1e3 * statistics.median(t) for side, t in times.items()}
 
 
 def cuda_peak_extra_bytes(fn: Callable[[], object], device="cuda") -> int:
