@@ -165,19 +165,28 @@ struct Sketch {
     c = cc.size(1);
     buckets = at::empty_like(cc);
     weights = at::empty(cc.sizes(), cc.options().dtype(at::kFloat));
-    const int32_t* code = cc.data_ptr<int32_t>();
     int32_t* bk = buckets.data_ptr<int32_t>();
     float* wt = weights.data_ptr<float>();
-    const float w = scale / std::sqrt(static_cast<float>(c));
-    bool in_range = true;
-    for (int64_t e = 0; e < cc.numel(); ++e) {
-      bk[e] = code_bucket(code[e]);
-      wt[e] = code_sign(code[e]) * w;
-      in_range &= bk[e] < k;
-    }
-    TORCH_CHECK(in_range, name, " holds buckets outside [0, ", k, ")");
+    const int32_t top = decode(cc.data_ptr<int32_t>(), cc.numel(),
+                               scale / std::sqrt(static_cast<float>(c)), bk, wt);
+    TORCH_CHECK(top < k, name, " holds buckets outside [0, ", k, ")");
     bucket = bk;
     weight = wt;
+  }
+
+  // bk[e], wt[e] = bucket and sign * w of code[e] for e < n; returns the largest bucket. A
+  // function of its own with restrict pointers, so the loop vectorises: it runs on every call
+  // (16384 codes for a 128 x 128 mask) and was the largest fixed cost of a small call.
+  static int32_t decode(const int32_t* __restrict code, int64_t n, float w,
+                        int32_t* __restrict bk, float* __restrict wt) {
+    int32_t top = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      const int32_t b = code_bucket(code[e]);
+      bk[e] = b;
+      wt[e] = code_sign(code[e]) * w;
+      top = b > top ? b : top;
+    }
+    return top;
   }
 
   // dst[h(e)] += s(e) / sqrt(c) * v for the c copies of row e.
