@@ -436,11 +436,11 @@ struct TokenMask {
   float operator()(int64_t b, int64_t t) const { return ptr ? ptr[b * T + t] : 1.0f; }
 };
 
-// How an op's tokens are cut into per-thread work: `chunks` chunks of `chunk_rows` tokens per
+// How an op's tokens are cut into work for `threads` threads: `chunks` chunks of `chunk_rows` tokens per
 // example (more than one only when there are fewer examples than threads), processed `tile`
 // tokens at a time in tiles with room for `stride` tokens.
 struct Tiling {
-  int64_t n_out, n_in, scratch_floats, chunks, chunk_rows, tile, stride;
+  int64_t n_out, n_in, scratch_floats, threads, chunks, chunk_rows, tile, stride;
 
   // n_out, n_in: widths of the U and V tiles (and A is n_out x n_in); scratch_floats: per-row
   // scratch the fill needs (e.g. one converted input row); token_minor: the fill writes
@@ -449,7 +449,7 @@ struct Tiling {
   Tiling(const at::Tensor& acts, int64_t n_out_, int64_t n_in_, int64_t scratch, bool token_minor)
       : n_out(n_out_), n_in(n_in_), scratch_floats(scratch) {
     const int64_t B = acts.size(0), T = acts.size(1);
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    threads = std::max<int64_t>(1, at::get_num_threads());
     chunks = B >= threads ? 1 : std::min<int64_t>(T, (threads + B - 1) / B);
     chunk_rows = (T + chunks - 1) / chunks;
     tile = std::min({std::max<int64_t>(1, kTileFloats / per_row()), kMaxTileRows, chunk_rows});
@@ -473,12 +473,11 @@ template <class Tile, class Finish>
 at::Tensor factorized_driver(const at::Tensor& acts, const Tiling& plan, int64_t width,
                              const Tile& tile_fn, const Finish& finish) {
   const int64_t B = acts.size(0), T = acts.size(1);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = plan.chunks, stride = plan.stride, n_acc = plan.n_out * plan.n_in;
   const int64_t per_thread = stride * plan.per_row() + n_acc;
   auto fopts = acts.options().dtype(at::kFloat);
   // Workspace from ATen's allocator, so memory profilers see it like any other allocation.
-  auto workspace = at::empty({threads, per_thread}, fopts);
+  auto workspace = at::empty({plan.threads, per_thread}, fopts);
   auto out = at::zeros({B, chunks, width}, fopts);
   float* ws = workspace.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
