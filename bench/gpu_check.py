@@ -1,28 +1,40 @@
-"""One-shot GPU check: build, time, test, in one call of a few minutes on a lent GPU.
+"""One-shot GPU check, a verdict before a stopwatch: build, prove the GPU results right, then time.
 
     python bench/gpu_check.py              # on the GPU machine (repository root as cwd or not)
     python bench/gpu_check.py --dry-run    # here, on the CPU: tiny sizes, every code path but
                                            # the build and CUDA timing
+    python bench/gpu_check.py --sections build,correctness,attributor   # in two commands when
+    python bench/gpu_check.py --sections bandwidth,flat,factorized      # one has a time limit
 
 Sections, each in its own subprocess (a CUDA fault cannot take the others down) and under a
-time limit drawn from one overall budget:
-    build       pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0)
-    bandwidth   device copy bandwidth (a large clone): the yardstick for every GB/s figure
-    flat        sjlt / grass at N = 64, D = 1e7 bf16, k = 4096, c in {1, 4}: CUDA vs Triton vs
-                torch (index_add_), plus unfused mask-then-SJLT
-    factorized  fact_grass / fact_sjlt / logra at B*T = 8 x 1024 bf16 on GPT-2 and Llama-3.1-8B
-                layer shapes, every backend vs torch baselines (LoGra: two matmuls + einsum;
-                FactGraSS: index_select + bmm + index_add_) and the read-once floor
-    tests       pytest on the GPU-relevant tests with TRITON_INTERPRET=0 (Triton compiles)
+time limit drawn from one overall budget, correctness first:
+    build        pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0)
+    correctness  pytest on the GPU test files, and the CUDA-device cases of the shared test
+                 files (a selection that selects nothing fails)
+    attributor   grass.Attributor end to end on the GPU: features and scores of a small model
+                 under every compressor equal the CPU run on the same model and data
+    bandwidth    device copy bandwidth (a large clone): the yardstick for every GB/s figure
+    flat         sjlt / grass at N = 64, D = 1e7 bf16, k = 4096, c in {1, 4}
+    factorized   fact_grass / fact_sjlt / logra at B*T = 8 x 1024 bf16 on GPT-2 and
+                 Llama-3.1-8B layer shapes, every GPU backend vs torch baselines
+Every timed row is first compared with the reference at its own shape; its relative error and
+bound go into the table, and a row that is wrong or raises is not timed and fails its section.
+Any failed section fails the run: a FAIL line heads the table and the exit status is 1.
+
+Dry run: the CPU kernels stand where the GPU ones would (the attributor section compares
+them with the reference backend). GRASS_GPU_CHECK_INJECT_FAULT=1 zeroes one output column of
+every fact_grass kernel call inside the check's own processes (never the reference), to prove
+that a wrong kernel fails the run.
 
 Output: a markdown table (printed, and written to $OUT/gpu_table.md) and the full log
 ($OUT/gpu_log.txt); OUT defaults to bench/results/. Both are rewritten after every section,
-so a run cut short still leaves what it measured.
+so a run cut short still leaves what it checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -34,13 +46,24 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("build", "bandwidth", "flat", "factorized", "tests")
+SECTIONS = ("build", "correctness", "attributor", "bandwidth", "flat", "factorized")
+# Sections whose failure or absence leaves the GPU results unverified: not running them fails.
+VERIFYING = ("build", "correctness", "attributor")
 # Upper time limits per section (seconds); each also gets no more than what the budget has left.
-CAPS = {"build": 240, "bandwidth": 40, "flat": 90, "factorized": 150, "tests": 200}
-# GPU test runs: files written for the GPU run whole; in the others (which mix CPU cases, and
-# whose Triton-on-CPU cases need the interpreter) only the CUDA-device cases.
-TEST_RUNS = ((("tests/test_cuda_build.py", "tests/test_triton.py"), None),
-             (("tests/test_flat.py", "tests/test_factorized.py"), "cuda or gpu"))
+CAPS = {"build": 270, "correctness": 210, "attributor": 60, "bandwidth": 30, "flat": 90,
+        "factorized": 150}
+# GPU test runs: (files, -k selection, whether the selection must select something). The
+# GPU files run whole; in the shared files (which mix CPU cases, and whose Triton-on-CPU cases
+# need the interpreter) only the cases parametrised on the CUDA device.
+TEST_RUNS = (
+    (("tests/test_cuda_build.py", "tests/test_cuda_checks.py", "tests/test_cuda_kernels.py"),
+     None, True),
+    # Not the lowering and export tests: they check on the CPU what CI already checks.
+    (("tests/test_triton.py",), "not lower and not export", True),
+    (("tests/test_flat.py", "tests/test_factorized.py", "tests/test_dispatch.py"), "cuda", True),
+)
+FAULT_ENV = "GRASS_GPU_CHECK_INJECT_FAULT"
+FAULT_OP = "fact_grass"
 VERSIONS = ("import torch, importlib.util as u; "
             "print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', "
             "torch.cuda.is_available() and torch.cuda.get_device_name()); "
@@ -48,7 +71,56 @@ VERSIONS = ("import torch, importlib.util as u; "
 CHECK_EXTENSION = ("import torch, grass_kernels._C; "
                    "assert torch._C._dispatch_has_kernel_for_dispatch_key("
                    "'grass_kernels::fact_grass', 'CUDA'), 'no CUDA kernels'; print('extension ok')")
-COLUMNS = ["case", "op", "impl", "ms", "x vs torch", "GB/s", "% copy BW", "peak MB", "note"]
+COLUMNS = ["case", "op", "impl", "rel err", "bound", "verdict", "ms", "x vs torch", "GB/s",
+           "% copy BW", "peak MB", "note"]
+
+# Relative-error bounds against the fp32 reference on the same (rounded) inputs.
+UNIT_ROUNDOFF = 2.0**-24
+# Triton's tl.dot rounds fp32 operands (the projections, the sketched tokens) to the 16-bit
+# dtype of the inputs: one bf16 rounding per operand is 2**-9 relative, two operands per
+# product, so about 4e-3 at worst for a sum of products; 5e-3 allows for it.
+TRITON_16BIT_BOUND = 5e-3
+# torch baselines in bf16 round their GEMM outputs (and the unfused mask its rescaled copy) to
+# bf16: 2**-9 per element.
+TORCH_16BIT_BOUND = 1e-2
+
+
+def fp32_bound(terms: float) -> float:
+    """Kernels accumulating in fp32 differ from the reference only in the order of additions:
+    about u * sqrt(n) relative for n addends of random sign; 4x that, at least 1e-5."""
+    return max(1e-5, 4 * UNIT_ROUNDOFF * math.sqrt(terms))
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+def inject_fault_if_asked(log=print) -> None:
+    """With FAULT_ENV=1: every kernel (not reference) call of FAULT_OP returns its output with
+    column 0 zeroed, through the one dispatch point, grass_kernels._backend.run."""
+    if os.environ.get(FAULT_ENV) != "1":
+        return
+    from grass_kernels import _backend
+
+    implementation = _backend.implementation
+
+    def faulty(op: str, backend: str):
+        fn = implementation(op, backend)
+        if op != FAULT_OP or backend == "reference":
+            return fn
+
+        def wrong(*args):
+            out = fn(*args).clone()
+            out[:, 0] = 0.0
+            return out
+
+        return wrong
+
+    _backend.implementation = faulty
+    log(f"{FAULT_ENV}=1: {FAULT_OP} kernel outputs get column 0 zeroed")
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -59,8 +131,8 @@ def flat_sizes(dry: bool) -> dict:
     return dict(n=64, d=10_000_000, k=4096, cs=(1, 4), kp=4 * 4096)
 
 
-# (name, d_in, d_out): Llama-3.1-8B and GPT-2-small linear layers, the issue's key shapes
-# (the Llama MLP) first in case the section runs out of time.
+# (name, d_in, d_out): Llama-3.1-8B and GPT-2-small linear layers, the key shapes (the Llama
+# MLP) first in case the section runs out of time.
 LAYERS = [
     ("llama 4096x14336", 4096, 14336), ("llama 14336x4096", 14336, 4096),
     ("llama 4096x4096", 4096, 4096), ("llama 4096x1024", 4096, 1024),
@@ -70,8 +142,9 @@ LAYERS = [
 
 
 def factorized_sizes(dry: bool) -> dict:
-    if dry:  # every layer shrunk 16x, 2 x 8 tokens, small sketches
-        layers = [(f"{name} /16", d_in // 16, d_out // 16) for name, d_in, d_out in LAYERS]
+    if dry:  # one Llama and one GPT-2 layer shrunk 16x, 2 x 8 tokens, small sketches
+        layers = [(f"{name} /16", d_in // 16, d_out // 16) for name, d_in, d_out in
+                  (LAYERS[0], LAYERS[4])]
         return dict(b=2, t=8, layers=layers, k=256, mask_side=32, side=16)
     return dict(b=8, t=1024, layers=LAYERS, k=4096, mask_side=128, side=64)
 
@@ -86,7 +159,6 @@ def time_ms(fn: Callable[[], object], device: str, dry: bool) -> float:
 
     if dry or device != "cuda":
         return 1e3 * measure(fn, device=device, warmup=0 if dry else 2, repeats=1 if dry else 5)
-    fn()  # compile / warm caches
     torch.cuda.synchronize()
     estimate = measure(fn, device=device, warmup=0, repeats=1)
     calls = max(3, min(100, int(0.05 / max(estimate, 1e-6))))
@@ -109,42 +181,75 @@ def peak_mb(fn: Callable[[], object], device: str) -> str:
 
 class Rows:
     """One section's table rows, saved to ``path`` after every row (a section cut short by its
-    time limit keeps what it measured). Each ``add`` times one implementation of one case."""
+    time limit keeps what it checked). Each ``add`` checks, then times, one implementation of
+    one case; ``failed`` says whether any row was wrong or raised."""
 
     def __init__(self, path: Path, device: str, dry: bool, copy_gbps: float | None):
         self.path, self.device, self.dry, self.copy_gbps = path, device, dry, copy_gbps
         self.rows: list[dict] = []
         self.extra: dict = {}
+        self.failed = False
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        self.path.write_text(json.dumps(dict(rows=self.rows, **self.extra)))
+        self.path.write_text(json.dumps(dict(rows=self.rows, failed=self.failed, **self.extra)))
 
-    def add(self, case: str, op: str, impl: str, fn: Callable[[], object], nbytes: float,
-            baseline_ms: float | None = None, memory: bool = False) -> float | None:
-        """Times fn; returns ms, or None after recording the error (the section goes on)."""
-        row = dict(case=case, op=op, impl=impl)
+    def add(self, case: str, op: str, impl: str, fn: Callable[[], object], nbytes: float, *,
+            ref: Callable[[], object], bound: float, baseline_ms: float | None = None,
+            memory: bool = False, timed: bool = True) -> float | None:
+        """Compares fn() with ref() (the bound is on the relative Frobenius error), then times
+        fn if it is right (and ``timed``). Returns ms, or None for a wrong, failed or untimed
+        row (the section goes on; a wrong or failed row fails it)."""
+        row = dict(case=case, op=op, impl=impl, bound=f"{bound:.1e}")
+        ms = None
         try:
-            ms = time_ms(fn, self.device, self.dry)
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            row.update(ms=f"{ms:.3f}", **{"GB/s": f"{gbps:.3g}"})
-            if baseline_ms is not None:
-                row["x vs torch"] = f"{baseline_ms / ms:.2f}"
-            if self.copy_gbps:
-                row["% copy BW"] = f"{100 * gbps / self.copy_gbps:.0f}"
-            if memory:
-                row["peak MB"] = peak_mb(fn, self.device)
+            err = rel_err(fn(), ref())  # the first call also warms up (compiles, caches)
+            row["rel err"] = f"{err:.1e}"
+            if not err <= bound:
+                row.update(verdict="FAIL", ms="-", note="wrong result: not timed")
+            elif not timed:
+                row.update(verdict="ok", ms="-")
+            else:
+                ms = time_ms(fn, self.device, self.dry)
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                row.update(verdict="ok", ms=f"{ms:.3f}", **{"GB/s": f"{gbps:.3g}"})
+                if baseline_ms is not None:
+                    row["x vs torch"] = f"{baseline_ms / ms:.2f}"
+                if self.copy_gbps:
+                    row["% copy BW"] = f"{100 * gbps / self.copy_gbps:.0f}"
+                if memory:
+                    row["peak MB"] = peak_mb(fn, self.device)
         except Exception as error:  # recorded in the table; the other rows still run
-            ms = None
-            row.update(ms="error", note=f"{type(error).__name__}: {str(error)[:90]}")
+            note = f"{type(error).__name__}: {str(error)[:90]}"
+            row.update(verdict="FAIL", ms="error", note=note)
             print(f"[{case} {op} {impl}] failed:\n{traceback.format_exc()}", flush=True)
+        self.failed |= row["verdict"] == "FAIL"
         self.append(row)
         print(" | ".join(f"{c}={row.get(c, '')}" for c in COLUMNS if row.get(c)), flush=True)
         return ms
 
 
-def kernel_backends(dry: bool) -> list[str]:
-    return ["reference", "cpu", "triton"] if dry else ["cuda", "triton", "reference"]
+def once(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, computed on the first call and kept (a case's reference serves all its rows)."""
+    return functools.cache(fn)
+
+
+def kernel_backends(op: str, dry: bool) -> list[str]:
+    """The kernels checked and timed for ``op``: the CPU kernels in a dry run (Triton too,
+    interpreted), else the GPU ones (no "cuda" for the ops without a CUDA kernel)."""
+    from grass_kernels._backend import NO_CUDA_KERNEL
+
+    if dry:
+        return ["cpu", "triton"]
+    return ["triton"] if op in NO_CUDA_KERNEL else ["cuda", "triton"]
+
+
+def kernel_bound(backend: str, fp32_terms: float, dtype) -> float:
+    import torch
+
+    if backend == "triton" and dtype != torch.float32:
+        return max(TRITON_16BIT_BOUND, fp32_bound(fp32_terms))
+    return fp32_bound(fp32_terms)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -155,10 +260,11 @@ def section_bandwidth(rows: Rows) -> None:
     device, dry = rows.device, rows.dry
     numel = (1 << 20) if dry else (1 << 30)  # 2 GiB of bf16 on the GPU
     x = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
+    x.clone()  # warm-up: the allocator's first block
     ms = time_ms(lambda: x.clone(), device, dry)
     gbps = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9  # read + write
     row = dict(case=f"clone {x.numel() * 2 / 2**20:.0f} MiB", op="copy", impl="torch",
-               ms=f"{ms:.3f}", **{"GB/s": f"{gbps:.3g}", "% copy BW": "100"})
+               verdict="ok", ms=f"{ms:.3f}", **{"GB/s": f"{gbps:.3g}", "% copy BW": "100"})
     print(f"copy bandwidth: {gbps:.3g} GB/s", flush=True)
     rows.extra["copy_gbps"] = gbps
     rows.append(row)
@@ -171,34 +277,40 @@ def section_flat(rows: Rows) -> None:
     from grass_kernels import _tables, reference
 
     device, s = rows.device, flat_sizes(rows.dry)
-    x = torch.randn(s["n"], s["d"], device=device, dtype=torch.bfloat16)
+    dtype = torch.bfloat16
+    x = torch.randn(s["n"], s["d"], device=device, dtype=dtype)
     idx = gk.random_indices(s["d"], s["kp"], seed=1).to(device)
     scale = math.sqrt(s["d"] / s["kp"])
     x_bytes = x.numel() * x.element_size()
     for c in s["cs"]:
         case = f"N={s['n']} D={s['d']:.0e} k={s['k']} c={c}"
         codes = _tables.sjlt_codes(s["d"], s["k"], c, 0, device)
-        base = rows.add(case, "sjlt", "torch index_add_ (reference)",
-                        lambda: reference.sjlt(x, codes, s["k"]), x_bytes)
-        for backend in kernel_backends(rows.dry):
-            if backend != "reference":
-                rows.add(case, "sjlt", backend,
-                         lambda b=backend: gk.sjlt(x, s["k"], c=c, backend=b), x_bytes, base)
+        torch_sjlt = lambda: reference.sjlt(x, codes, s["k"])
+        ref = once(torch_sjlt)
+        terms = s["d"] * c / s["k"]
+        base = rows.add(case, "sjlt", "torch index_add_ (reference)", torch_sjlt, x_bytes,
+                        ref=ref, bound=0.0)
+        for backend in kernel_backends("sjlt", rows.dry):
+            rows.add(case, "sjlt", backend,
+                     lambda b=backend: gk.sjlt(x, s["k"], c=c, backend=b), x_bytes,
+                     ref=ref, bound=kernel_bound(backend, terms, dtype), baseline_ms=base)
 
         g_case = f"N={s['n']} D={s['d']:.0e} k'={s['kp']} k={s['k']} c={c}"
         g_bytes = s["n"] * s["kp"] * x.element_size()  # the selected entries only
         gcodes = _tables.sjlt_codes(s["kp"], s["k"], c, 0, device)
-        base = rows.add(g_case, "grass", "torch gather + index_add_ (reference)",
-                        lambda: reference.grass(x, idx, gcodes, s["k"], scale), g_bytes)
-        for backend in kernel_backends(rows.dry):
-            if backend == "reference":
-                continue
+        torch_grass = lambda: reference.grass(x, idx, gcodes, s["k"], scale)
+        g_ref = once(torch_grass)
+        g_terms = s["kp"] * c / s["k"]
+        base = rows.add(g_case, "grass", "torch gather + index_add_ (reference)", torch_grass,
+                        g_bytes, ref=g_ref, bound=0.0)
+        for backend in kernel_backends("grass", rows.dry):
             rows.add(g_case, "grass", backend,
                      lambda b=backend: gk.grass(x, s["k"], indices=idx, c=c, backend=b),
-                     g_bytes, base)
+                     g_bytes, ref=g_ref, bound=kernel_bound(backend, g_terms, dtype),
+                     baseline_ms=base)
             rows.add(g_case, "grass", f"unfused mask, then {backend} sjlt",
                      lambda b=backend: gk.sjlt(gk.mask(x, idx), s["k"], c=c, backend=b),
-                     g_bytes, base)
+                     g_bytes, ref=g_ref, bound=TORCH_16BIT_BOUND, baseline_ms=base)
 
 
 def unfused_fact_grass(acts, grads, in_idx, out_idx, buckets, signs, k):
@@ -226,7 +338,7 @@ def section_factorized(rows: Rows) -> None:
     import torch
 
     import grass_kernels as gk
-    from grass_kernels import _tables
+    from grass_kernels import _tables, reference
 
     device, dry = rows.device, rows.dry
     s = factorized_sizes(dry)
@@ -236,53 +348,123 @@ def section_factorized(rows: Rows) -> None:
         acts = torch.randn(s["b"], s["t"], d_in, device=device, dtype=dtype)
         grads = torch.randn(s["b"], s["t"], d_out, device=device, dtype=dtype)
         nbytes = (acts.numel() + grads.numel()) * acts.element_size()
-        rows.add(case, "floor", "read X and dX once (sum)",
-                 lambda: (acts.sum(), grads.sum()), nbytes)
+        floor = lambda: acts.float().sum() + grads.float().sum()
+        rows.add(case, "floor", "read X and dX once (sum)", floor, nbytes, ref=once(floor),
+                 bound=fp32_bound(acts.numel()))
 
         ki, ko = min(s["mask_side"], d_in), min(s["mask_side"], d_out)
         in_idx = gk.random_indices(d_in, ki, seed=1).to(device)
         out_idx = gk.random_indices(d_out, ko, seed=2).to(device)
         codes = _tables.sjlt_codes(ki * ko, s["k"], 1, 0, device)
         buckets, signs = _tables.decode_codes(codes)
-        signs = signs[:, 0] * math.sqrt(d_in * d_out / (ki * ko))
+        scale = math.sqrt(d_in * d_out / (ki * ko))
+        ref = once(lambda: reference.fact_grass(acts, grads, in_idx, out_idx, codes, s["k"],
+                                                scale, None, False))
         base = rows.add(case, "fact_grass", "torch index_select+bmm+index_add_",
                         lambda: unfused_fact_grass(acts, grads, in_idx, out_idx, buckets[:, 0],
-                                                   signs, s["k"]), nbytes, memory=True)
-        for backend in kernel_backends(dry):
+                                                   signs[:, 0] * scale, s["k"]),
+                        nbytes, ref=ref, bound=TORCH_16BIT_BOUND, memory=True)
+        terms = s["t"] * ki * ko / s["k"]
+        for backend in kernel_backends("fact_grass", dry):
             rows.add(case, "fact_grass", backend,
                      lambda b=backend: gk.fact_grass(acts, grads, s["k"], in_indices=in_idx,
                                                      out_indices=out_idx, backend=b),
-                     nbytes, base, memory=True)
+                     nbytes, ref=ref, bound=kernel_bound(backend, terms, dtype),
+                     baseline_ms=base, memory=True)
 
         side = s["side"]
         p_in = gk.gaussian_matrix(side, d_in, seed=3, device=device)
         p_out = gk.gaussian_matrix(side, d_out, seed=4, device=device)
         p_in_lp, p_out_lp = p_in.to(dtype), p_out.to(dtype)
+        ref = once(lambda: reference.logra(acts, grads, p_in, p_out, None, False))
         base = rows.add(case, "logra", "torch 2 matmuls + einsum",
-                        lambda: torch_logra(acts, grads, p_in_lp, p_out_lp), nbytes, memory=True)
-        for backend in kernel_backends(dry):
+                        lambda: torch_logra(acts, grads, p_in_lp, p_out_lp), nbytes, ref=ref,
+                        bound=TORCH_16BIT_BOUND, memory=True)
+        terms = s["t"] * max(d_in, d_out)
+        for backend in kernel_backends("logra", dry):
             rows.add(case, "logra", backend,
-                     lambda b=backend: gk.logra(acts, grads, p_in=p_in, p_out=p_out, backend=b),
-                     nbytes, base, memory=True)
+                     lambda b=backend: gk.logra(acts, grads, p_in=p_in, p_out=p_out, backend=b,
+                                                path="factorized"),
+                     nbytes, ref=ref, bound=kernel_bound(backend, terms, dtype),
+                     baseline_ms=base, memory=True)
+
+        codes_in = _tables.sjlt_codes(d_in, side, 1, 0, device)
+        codes_out = _tables.sjlt_codes(d_out, side, 1, 1, device)
+        torch_fact_sjlt = lambda: reference.fact_sjlt(acts, grads, codes_in, codes_out, side,
+                                                      side, None, False)
+        ref = once(torch_fact_sjlt)
         # fact_sjlt's torch side is the reference (two index_add_ sketches + einsum).
-        base = None
-        for backend in ["reference"] + [b for b in kernel_backends(dry) if b != "reference"]:
-            ms = rows.add(case, "fact_sjlt", backend,
-                          lambda b=backend: gk.fact_sjlt(acts, grads, k_in=side, k_out=side,
-                                                         backend=b),
-                          nbytes, base, memory=True)
-            base = ms if backend == "reference" else base
-        del acts, grads
+        base = rows.add(case, "fact_sjlt", "reference", torch_fact_sjlt, nbytes, ref=ref,
+                        bound=0.0, memory=True)
+        for backend in kernel_backends("fact_sjlt", dry):
+            rows.add(case, "fact_sjlt", backend,
+                     lambda b=backend: gk.fact_sjlt(acts, grads, k_in=side, k_out=side,
+                                                    backend=b, path="factorized"),
+                     nbytes, ref=ref, bound=kernel_bound(backend, terms, dtype),
+                     baseline_ms=base, memory=True)
+        del acts, grads, ref
         if device == "cuda":
             torch.cuda.empty_cache()
 
 
-SECTION_FUNCS = {"bandwidth": section_bandwidth, "flat": section_flat,
-                 "factorized": section_factorized}
+def section_attributor(rows: Rows) -> None:
+    """Attributor on the checked device (backend None: the GPU defaults) against the CPU run
+    (dry run: the CPU kernels against the reference backend) on the same model and data."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    import grass
+
+    def loss_fn(model, batch):
+        x, y = batch  # (B, T, 24), (B, T)
+        logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(
+            y.shape).mean(1)
+
+    def make_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 10))
+
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randn(24, 7, 24, generator=g), torch.randint(0, 10, (24, 7), generator=g))
+    test = (torch.randn(5, 7, 24, generator=g), torch.randint(0, 10, (5, 7), generator=g))
+    compressors = {
+        "FactGraSS": lambda b: grass.FactGraSS(k=64, backend=b),
+        "GraSS": lambda b: grass.GraSS(k=64, backend=b),
+        "SJLT": lambda b: grass.SJLT(k=64, backend=b),
+        "LoGra": lambda b: grass.LoGra(k=64, backend=b),
+        "FactSJLT": lambda b: grass.FactSJLT(k=64, backend=b),
+    }
+    baseline_backend = "reference" if rows.dry else None
+
+    def run(device: str, backend):
+        def go(make):
+            attr = grass.Attributor(make_model().to(device), loss_fn, make(backend),
+                                    batch_size=8, device=device, progress=False)
+            attr.cache(train)
+            return attr.features(train).values, attr.attribute(test).cpu()
+        return go
+
+    # Features accumulate fp32 sums over tokens and layers; scores add a solve with the
+    # damped Fisher, which may amplify the feature differences by its condition number.
+    bounds = {"features": fp32_bound(1e4), "scores": 1e-3}
+    for name, make in compressors.items():
+        case = f"{name} 24 x 7 tokens"
+        expected = once(lambda m=make: run("cpu", baseline_backend)(m))
+        got = once(lambda m=make: run(rows.device, None)(m))
+        for i, part in enumerate(("features", "scores")):
+            rows.add(case, part, f"Attributor on {rows.device}", lambda i=i: got()[i], 0,
+                     ref=lambda i=i: expected()[i], bound=bounds[part], timed=False)
 
 
-def run_section(name: str, out: Path, dry: bool) -> None:
-    """Child process: run one timing section, write its rows to out/section_<name>.json."""
+SECTION_FUNCS = {"attributor": section_attributor, "bandwidth": section_bandwidth,
+                 "flat": section_flat, "factorized": section_factorized}
+
+
+def run_section(name: str, out: Path, dry: bool) -> int:
+    """Child process: run one checking section, write its rows to out/section_<name>.json;
+    returns 1 if a row failed."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -291,9 +473,12 @@ def run_section(name: str, out: Path, dry: bool) -> None:
         raise SystemExit("no CUDA device: run with --dry-run on a CPU machine")
     if dry:
         torch.set_num_threads(2)
+    inject_fault_if_asked()
     bw_file = out / "section_bandwidth.json"
     copy_gbps = json.loads(bw_file.read_text()).get("copy_gbps") if bw_file.exists() else None
-    SECTION_FUNCS[name](Rows(out / f"section_{name}.json", device, dry, copy_gbps))
+    rows = Rows(out / f"section_{name}.json", device, dry, copy_gbps)
+    SECTION_FUNCS[name](rows)
+    return 1 if rows.failed else 0
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -337,29 +522,66 @@ def run_command(cmd: list[str], env: dict, timeout: float, log: Log) -> int:
     return code
 
 
+def test_commands(args) -> list[tuple[list[str], bool]]:
+    """(pytest command, whether exit 5 = "nothing selected" fails) per test run. The dry run
+    only collects (TRITON_INTERPRET=1 there), which checks the commands and selections."""
+    py = sys.executable
+    runs = []
+    for files, select, must_select in TEST_RUNS:
+        present = [f for f in files if (ROOT / f).exists()]
+        if not present:
+            continue
+        opts = ["--collect-only"] if args.dry_run else ["-rs", "--maxfail=20"]
+        opts += ["-k", select] if select else []
+        runs.append(([py, "-m", "pytest", *present, "-q", *opts, "-p", "no:cacheprovider"],
+                     must_select and not args.dry_run))
+    return runs
+
+
 def section_commands(name: str, args, out: Path) -> list[list[str]]:
     py = sys.executable
     if name == "build":
         if args.dry_run:
             return []
         # The in-place build runs only if pip fails or leaves no loadable CUDA extension in
-        # the source tree (which the timing and test processes import).
+        # the source tree (which the checking and test processes import).
         return [[py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
                 [py, "-c", CHECK_EXTENSION],
                 [py, "setup.py", "build_ext", "--inplace"],
                 [py, "-c", CHECK_EXTENSION]]
-    if name == "tests":
-        runs = []
-        for files, select in TEST_RUNS:
-            present = [f for f in files if (ROOT / f).exists()]
-            # The dry run only collects (TRITON_INTERPRET=1 there, so it checks the commands).
-            opts = ["--collect-only"] if args.dry_run else ["--maxfail=10"]
-            opts += ["-k", select] if select else []
-            if present:
-                runs.append([py, "-m", "pytest", *present, "-q", *opts, "-p", "no:cacheprovider"])
-        return runs
+    if name == "correctness":
+        return [cmd for cmd, _ in test_commands(args)]
     cmd = [py, str(Path(__file__).resolve()), "--section", name, "--out", str(out)]
     return [cmd + (["--dry-run"] if args.dry_run else [])]
+
+
+def section_status(name: str, codes: list[int], args) -> str:
+    """"ok", or what failed. pytest exits 5 when its selection holds no test: a failure where
+    the selection must select CUDA cases, fine in a collect-only dry run."""
+    if name == "build":
+        ok = codes[-1] == 0  # the last extension check passed
+        return "ok" if ok else "FAIL (no loadable CUDA extension)"
+    allowed_five = [not must for _, must in test_commands(args)] if name == "correctness" \
+        else [False] * len(codes)
+    failed = []
+    for code, five_ok in zip(codes, allowed_five):
+        if code == 0 or (code == 5 and five_ok):
+            continue
+        failed.append("timed out" if code == 124 else
+                      "nothing selected" if code == 5 else f"exit {code}")
+    return "ok" if not failed else "FAIL (" + ", ".join(failed) + ")"
+
+
+def verdict(status: dict) -> tuple[bool, str]:
+    """Whether the run failed, and the line that heads the table."""
+    failed = [n for n, v in status.items() if v.startswith("FAIL")]
+    unverified = [n for n in VERIFYING if status.get(n, "").startswith("skipped (out of time)")]
+    if failed or unverified:
+        parts = [f"{n}: {status[n]}" for n in failed] + [f"{n} not run" for n in unverified]
+        return True, "**FAIL**: " + "; ".join(parts)
+    not_run = [n for n, v in status.items() if v.startswith("skipped (out of time)")]
+    tail = f" (timing not run: {', '.join(not_run)})" if not_run else ""
+    return False, "PASS: every check that ran passed" + tail
 
 
 def write_table(out: Path, status: dict, dry: bool) -> str:
@@ -371,42 +593,51 @@ def write_table(out: Path, status: dict, dry: bool) -> str:
         f = out / f"section_{name}.json"
         if f.exists():
             rows += json.loads(f.read_text())["rows"]
+    _, head = verdict(status)
     title = "# GPU check" + (" (dry run on the CPU: tiny sizes, not timings)" if dry else "")
-    lines = [title, "", "Sections: " + ", ".join(f"{k}: {v}" for k, v in status.items()),
-             "", "x vs torch = torch baseline ms / this ms (same case, same run). GB/s counts "
-             "the input bytes each op must read (grass: the selected entries only); "
-             "% copy BW is against the measured clone bandwidth.", ""]
-    text = "\n".join(lines) + (format_table(rows, COLUMNS) if rows else "(no timings)") + "\n"
+    lines = [head, "", title, "", "Sections: " + ", ".join(f"{k}: {v}" for k, v in status.items()),
+             "", "rel err = relative Frobenius error against the fp32 reference at the row's own "
+             "shape (checked before timing; a row over its bound is not timed). x vs torch = "
+             "torch baseline ms / this ms (same case, same run). GB/s counts the input bytes "
+             "each op must read (grass: the selected entries only); % copy BW is against the "
+             "measured clone bandwidth.", ""]
+    text = "\n".join(lines) + (format_table(rows, COLUMNS) if rows else "(no rows)") + "\n"
     (out / "gpu_table.md").write_text(text)
     return text
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, tiny sizes, reference/cpu/triton-interpreter backends")
+                        help="CPU, tiny sizes, cpu/triton-interpreter kernels")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: $OUT, else bench/results/)")
-    parser.add_argument("--budget", type=float, default=330.0,
+    parser.add_argument("--budget", type=float, default=570.0,
                         help="seconds for all sections together")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of the sections to run, in their order")
     parser.add_argument("--section", choices=sorted(SECTION_FUNCS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    chosen = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     out = args.out or Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     if args.section:
-        run_section(args.section, out, args.dry_run)
-        return
+        return run_section(args.section, out, args.dry_run)
 
-    for stale in out.glob("section_*.json"):
-        stale.unlink()
+    for name in chosen:  # results of the other sections (an earlier command) stay
+        (out / f"section_{name}.json").unlink(missing_ok=True)
     log = Log(out / "gpu_log.txt")
     deadline = time.monotonic() + args.budget
     env = child_env(args.dry_run)
     log(f"gpu_check {'(dry run) ' if args.dry_run else ''}python {sys.version.split()[0]}, "
-        f"budget {args.budget:.0f} s, output {out}")
+        f"budget {args.budget:.0f} s, output {out}"
+        + (f", {FAULT_ENV}=1" if os.environ.get(FAULT_ENV) == "1" else ""))
     run_command([sys.executable, "-c", VERSIONS], env, 60, log)
     status = {}
-    for name in SECTIONS:
+    for name in (s for s in SECTIONS if s in chosen):
         remaining = deadline - time.monotonic()
         commands = section_commands(name, args, out)
         if not commands:
@@ -423,17 +654,16 @@ def main() -> None:
                 break  # pip built a loadable extension
             limit = min(CAPS[name], deadline - time.monotonic())
             codes.append(run_command(cmd, env, limit, log))
-        # pytest exits 5 when a selection holds no test (e.g. no CUDA cases in a file).
-        failed = [c for c in codes if c not in (0, 5)]
-        if name == "build" and codes[-1] == 0:
-            failed = []  # the last check passed
-        status[name] = "ok" if not failed else ", ".join(
-            "timed out" if c == 124 else f"exit {c}" for c in failed)
+        status[name] = section_status(name, codes, args)
         write_table(out, status, args.dry_run)
+        if name == "build" and status[name] != "ok":
+            break  # nothing else can run without the extension
+    failed, _ = verdict(status)
     table = write_table(out, status, args.dry_run)
     log("\n" + table)
     log(f"wrote {out / 'gpu_table.md'} and {out / 'gpu_log.txt'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

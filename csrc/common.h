@@ -7,8 +7,12 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define GRASS_HD __host__ __device__ __forceinline__
@@ -51,6 +55,76 @@ inline void check_k(int64_t k, const at::Tensor& codes, const char* name = "k") 
   TORCH_CHECK_VALUE(k >= 1, name, " must be positive, got ", k);
   TORCH_CHECK_VALUE(codes.size(1) <= k, "codes has c = ", codes.size(1),
                     " copies per coordinate but ", name, " = ", k, " (need c <= ", name, ")");
+}
+
+// A table whose values must lie in a range before any kernel reads through it. Codes: every
+// decoded bucket in [0, limit); indices: every value in [0, limit).
+struct RangeCheck {
+  const at::Tensor& values;  // int32 codes (rows, c) or int64 indices (n), any device
+  const char* name;
+  int64_t limit;
+  const char* limit_name;  // codes: the name of k in the message ("k", "k_in", ...)
+  bool codes;
+};
+
+// {min, max} of a CPU table of up to kLoopRange values, by a plain loop: small tables are the
+// per-layer case, where a reduction kernel's dispatch would cost more than the loop.
+constexpr int64_t kLoopRange = int64_t{1} << 20;
+
+template <typename T>
+std::pair<int64_t, int64_t> loop_range(const at::Tensor& values) {
+  const at::Tensor v = values.contiguous();
+  const T* p = v.data_ptr<T>();
+  T lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < v.numel(); ++i) {
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
+  }
+  return {lo, hi};
+}
+
+// Raises ValueError naming the first table out of range. Small CPU tables are scanned in place;
+// the others get one reduction (aminmax) each on their device and one device-to-host copy for
+// all of them. Nothing reads out of bounds, and the CPU and CUDA kernels raise the same error
+// for the same mistake.
+inline void check_ranges(std::initializer_list<RangeCheck> checks) {
+  std::vector<std::pair<int64_t, int64_t>> ranges(checks.size(), {0, 0});
+  std::vector<at::Tensor> reduced;  // (2,) int64 {min, max} of the tables not scanned here
+  std::vector<size_t> reduced_at;
+  size_t i = 0;
+  for (const auto& ch : checks) {
+    const int64_t n = ch.values.numel();
+    const bool loop = ch.values.is_cpu() && n <= kLoopRange;
+    if (n > 0 && loop && ch.values.scalar_type() == at::kInt) {
+      ranges[i] = loop_range<int32_t>(ch.values);
+    } else if (n > 0 && loop && ch.values.scalar_type() == at::kLong) {
+      ranges[i] = loop_range<int64_t>(ch.values);
+    } else if (n > 0) {
+      const auto [lo, hi] = at::aminmax(ch.values);
+      reduced.push_back(at::stack({lo.to(at::kLong), hi.to(at::kLong)}));
+      reduced_at.push_back(i);
+    }
+    ++i;
+  }
+  if (!reduced.empty()) {
+    const at::Tensor host = at::cat(reduced).cpu();
+    const int64_t* b = host.data_ptr<int64_t>();
+    for (size_t j = 0; j < reduced_at.size(); ++j) ranges[reduced_at[j]] = {b[2 * j], b[2 * j + 1]};
+  }
+  i = 0;
+  for (const auto& ch : checks) {
+    const auto [lo, hi] = ranges[i++];
+    if (ch.values.numel() == 0) continue;
+    if (ch.codes) {
+      // Bucket ~code for a negative code: the most negative code holds the largest such bucket.
+      const int64_t top = std::max(hi, ~lo);
+      TORCH_CHECK_VALUE(top < ch.limit, ch.name, " must hold buckets in [0, ", ch.limit_name,
+                        " = ", ch.limit, "); found bucket ", top);
+    } else {
+      TORCH_CHECK_VALUE(lo >= 0 && hi < ch.limit, ch.name, " must lie in [0, ", ch.limit,
+                        "), got values in [", lo, ", ", hi, "]");
+    }
+  }
 }
 
 // indices: int64 (n) on ref's device.

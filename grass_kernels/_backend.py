@@ -3,7 +3,8 @@
 Backends:
     "reference"  pure torch (``grass_kernels.reference``), any device; the spec
     "cpu"        C++/OpenMP kernels of the native extension, CPU tensors
-    "cuda"       CUDA kernels of the native extension, CUDA tensors
+    "cuda"       CUDA kernels of the native extension, CUDA tensors (not for the ops in
+                 ``NO_CUDA_KERNEL``)
     "triton"     Triton kernels (``grass_kernels.triton``), CUDA tensors, or CPU tensors under
                  the Triton interpreter (TRITON_INTERPRET=1, used by the tests)
 
@@ -37,6 +38,15 @@ GPU_DEFAULT = {
 }
 
 
+# Ops the CUDA backend does not implement, with the reason; backend="cuda" for them raises.
+NO_CUDA_KERNEL = {
+    "logra": "its projections are dense GEMMs, which the Triton kernel runs on tensor cores",
+    "fact_sjlt": "the Triton kernel sketches each side once per token block and multiplies the "
+    "sketches; a kernel with one block per output tile re-reads and re-hashes every input once "
+    "per tile (bench/README.md counts the cost)",
+}
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -51,6 +61,13 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
+    if backend == "cuda" and op in NO_CUDA_KERNEL:
+        others = tuple(b for b in BACKENDS if b != "cuda")
+        raise ValueError(
+            f"{op} has no CUDA kernel ({NO_CUDA_KERNEL[op]}): on CUDA tensors use "
+            f"backend='triton' (what backend=None picks) or 'reference'; {op} runs on the "
+            f"backends {others}"
+        )
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors; the input is on {device}")
     if backend == "cuda" and device.type != "cuda":

@@ -107,6 +107,7 @@ def logra(
     e.g. ``gaussian_matrix(k_in, d_in + bias, seed=...)``. ``path``: see the module doc.
     """
     acts, grads, mask, dtype = _prepare(acts, grads, token_mask, out_dtype)
+    resolve("logra", acts.device, backend)  # backend checks, whichever path runs
     d_in = acts.shape[2] + int(bias)
     for name, p, width in (("p_in", p_in, d_in), ("p_out", p_out, grads.shape[2])):
         _checks.floating(name, p)
@@ -117,7 +118,6 @@ def logra(
             raise ValueError(f"{name} must have {width} columns{hint}; got shape {tuple(p.shape)}")
     p_in, p_out = p_in.float().contiguous(), p_out.float().contiguous()
     if _materialized_path(path, "logra", acts, grads, bias, p_in.shape[0], p_out.shape[0]):
-        resolve("logra", acts.device, backend)  # the same backend checks as the kernel path
 
         def compress(gradient):  # (n, d_out, d_in') -> (n, k_out * k_in)
             return (p_out @ gradient @ p_in.T).flatten(1)
@@ -185,6 +185,7 @@ def fact_sjlt(
     the same backend (rows with codes_in, then columns with codes_out).
     """
     acts, grads, mask, dtype = _prepare(acts, grads, token_mask, out_dtype)
+    resolve("fact_sjlt", acts.device, backend)  # backend checks, whichever path runs
     k_in, c = _checks.sjlt_sizes(k_in, c)
     k_out, _ = _checks.sjlt_sizes(k_out, c)
     d_in, d_out = acts.shape[2] + int(bias), grads.shape[2]

@@ -162,31 +162,26 @@ struct Sketch {
     check_codes(codes, name, rows, ref);
     check_k(k, codes, k_name);
     auto cc = codes.contiguous();
+    check_ranges({{cc, name, k, k_name, true}});
     c = cc.size(1);
     buckets = at::empty_like(cc);
     weights = at::empty(cc.sizes(), cc.options().dtype(at::kFloat));
     int32_t* bk = buckets.data_ptr<int32_t>();
     float* wt = weights.data_ptr<float>();
-    const int32_t top = decode(cc.data_ptr<int32_t>(), cc.numel(),
-                               scale / std::sqrt(static_cast<float>(c)), bk, wt);
-    TORCH_CHECK(top < k, name, " holds buckets outside [0, ", k, ")");
+    decode(cc.data_ptr<int32_t>(), cc.numel(), scale / std::sqrt(static_cast<float>(c)), bk, wt);
     bucket = bk;
     weight = wt;
   }
 
-  // bk[e], wt[e] = bucket and sign * w of code[e] for e < n; returns the largest bucket. A
-  // function of its own with restrict pointers, so the loop vectorises: it runs on every call
-  // (16384 codes for a 128 x 128 mask) and was the largest fixed cost of a small call.
-  static int32_t decode(const int32_t* __restrict code, int64_t n, float w,
-                        int32_t* __restrict bk, float* __restrict wt) {
-    int32_t top = 0;
+  // bk[e], wt[e] = bucket and sign * w of code[e] for e < n. A function of its own with
+  // restrict pointers, so the loop vectorises: it runs on every call (16384 codes for a
+  // 128 x 128 mask) and was the largest fixed cost of a small call.
+  static void decode(const int32_t* __restrict code, int64_t n, float w, int32_t* __restrict bk,
+                     float* __restrict wt) {
     for (int64_t e = 0; e < n; ++e) {
-      const int32_t b = code_bucket(code[e]);
-      bk[e] = b;
+      bk[e] = code_bucket(code[e]);
       wt[e] = code_sign(code[e]) * w;
-      top = b > top ? b : top;
     }
-    return top;
   }
 
   // dst[h(e)] += s(e) / sqrt(c) * v for the c copies of row e.
@@ -502,18 +497,16 @@ at::Tensor factorized_driver(const at::Tensor& acts, const Tiling& plan, int64_t
 
 void copy_out(const float* acc, int64_t n, float* dst) { std::copy(acc, acc + n, dst); }
 
-// Element offsets idx * stride of the masked columns, checked against [0, limit). The virtual
-// bias column (index d, when limit = d + 1) gets offset 0 and its position in bias_pos (else
+// Element offsets idx * stride of the masked columns (idx already checked against [0, d] or
+// [0, d)). The virtual bias column (index d) gets offset 0 and its position in bias_pos (else
 // -1), so gathers stay branch-free and the caller overwrites that one entry.
-at::Tensor column_offsets(const at::Tensor& idx, int64_t d, int64_t limit, int64_t stride,
-                          const char* name, int64_t& bias_pos) {
+at::Tensor column_offsets(const at::Tensor& idx, int64_t d, int64_t stride, int64_t& bias_pos) {
   auto ix = idx.contiguous();
   auto off = at::empty_like(ix);
   const int64_t* in = ix.data_ptr<int64_t>();
   int64_t* o = off.data_ptr<int64_t>();
   bias_pos = -1;
   for (int64_t j = 0; j < ix.numel(); ++j) {
-    TORCH_CHECK(in[j] >= 0 && in[j] < limit, name, " must lie in [0, ", limit, "), got ", in[j]);
     if (in[j] == d) bias_pos = j;
     o[j] = in[j] < d ? in[j] * stride : 0;
   }
@@ -530,9 +523,11 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
   const int64_t d_in = acts.size(2), d_out = grads.size(2);
   const int64_t n_in = in_indices.numel(), n_out = out_indices.numel();
   const Rows x(acts), g(grads);
+  check_ranges({{in_indices, "in_indices", d_in + bias, "", false},
+                {out_indices, "out_indices", d_out, "", false}});
   int64_t bias_pos, no_bias;
-  auto off_in = column_offsets(in_indices, d_in, d_in + bias, x.sd, "in_indices", bias_pos);
-  auto off_out = column_offsets(out_indices, d_out, d_out, g.sd, "out_indices", no_bias);
+  auto off_in = column_offsets(in_indices, d_in, x.sd, bias_pos);
+  auto off_out = column_offsets(out_indices, d_out, g.sd, no_bias);
   const int64_t* oi = off_in.data_ptr<int64_t>();
   const int64_t* oo = off_out.data_ptr<int64_t>();
   const Sketch sk(codes, n_out * n_in, k, acts, "codes", "k", static_cast<float>(scale));

@@ -1,10 +1,13 @@
 // Helpers shared by the CUDA kernels: element loads, the SJLT scatter of one value, the flush
 // of a shared-memory k-vector to global memory, and launch-time sizing (SM count, opt-in
-// dynamic shared memory, resident blocks).
+// dynamic shared memory, resident blocks, cached per kernel and device).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -36,16 +39,14 @@ __device__ __forceinline__ void load_pack(const scalar_t* p, float (&v)[V]) {
   for (int e = 0; e < V; ++e) v[e] = to_float(pack.v[e]);
 }
 
-// Adds sign_j * v to the c buckets of coordinate `f` (codes row f, int32 (rows, c)). Buckets at
-// or beyond k are skipped: the Python layer validates tables, this only keeps a table passed
-// straight to torch.ops from writing out of bounds.
+// Adds sign_j * v to the c buckets of coordinate `f` (codes row f, int32 (rows, c)). The op's
+// entry point has checked every bucket against k (check_ranges) before the launch.
 __device__ __forceinline__ void sjlt_scatter(float* target, const int32_t* __restrict__ codes,
-                                             int64_t f, int c, int64_t k, float v) {
+                                             int64_t f, int c, float v) {
   const int32_t* row = codes + f * c;
   for (int j = 0; j < c; ++j) {
     const int32_t code = __ldg(row + j);
-    const int32_t b = code_bucket(code);
-    if (b < k) atomicAdd(target + b, code_sign(code) * v);
+    atomicAdd(target + code_bucket(code), code_sign(code) * v);
   }
 }
 
@@ -68,12 +69,6 @@ __device__ __forceinline__ void zero_shared(float* acc, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc[i] = 0.0f;
 }
 
-// Whether every row (last dimension) of contiguous `t` starts on a 16-byte boundary.
-inline bool rows_aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
-         (t.size(-1) * static_cast<int64_t>(t.element_size())) % 16 == 0;
-}
-
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // The most dynamic shared memory one block may use on the current device (opt-in limit).
@@ -81,25 +76,37 @@ inline int64_t max_smem_bytes() {
   return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
 
-// Allows `kernel` to launch with `bytes` of dynamic shared memory (needed above 48 KB).
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes) {
-  TORCH_CHECK(bytes <= max_smem_bytes(), "grass_kernels: ", bytes,
-              " bytes of shared memory exceed the device limit of ", max_smem_bytes());
-  if (bytes > kDefaultSmemBytes) {
+// How many blocks of the kernel at `kernel` (kThreads threads, `smem` bytes of dynamic shared
+// memory) the current GPU holds at once, after allowing it shared memory up to the device's
+// opt-in limit (needed above 48 KB). Both driver calls run once per (kernel, device, smem) and
+// are cached: per-layer calls are small, and the queries would otherwise be a fixed host cost
+// on each.
+inline int64_t launch_capacity(const void* kernel, int64_t smem) {
+  const int device = c10::cuda::current_device();
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int64_t>, int64_t> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, smem);
+  if (const auto hit = cache.find(key); hit != cache.end()) return hit->second;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  // The opt-in limit covers the kernel's static shared memory and the dynamic part together.
+  const int64_t dynamic_limit =
+      max_smem_bytes() - static_cast<int64_t>(attributes.sharedSizeBytes);
+  TORCH_CHECK(smem <= dynamic_limit, "grass_kernels: ", smem,
+              " bytes of dynamic shared memory exceed the device limit of ", dynamic_limit);
+  if (smem > kDefaultSmemBytes) {
+    // Always the limit itself, not smem: a cached launch with more shared memory than a later
+    // call asked for must stay allowed.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
+                                        static_cast<int>(dynamic_limit)));
   }
-}
-
-// How many blocks of `kernel` (kThreads threads, `smem` bytes) the whole GPU holds at once.
-// Call after allow_smem.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int64_t smem) {
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                static_cast<size_t>(smem)));
-  return std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sm_count());
+  const int64_t blocks = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sm_count());
+  cache.emplace(key, blocks);
+  return blocks;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -6,7 +6,8 @@
 // consecutive floats of a staged row (no bank conflicts) and broadcast the other operand.
 //
 // Staging layout: xs and ds are [kSteps][kTile] fp32 rows, one per token; a kernel fills them
-// (gathering masked columns, or hashing whole rows), calls accumulate_staged, and repeats.
+// (gathering masked columns, each tensor converted from its own dtype), calls
+// accumulate_staged, and repeats.
 #pragma once
 
 #include <algorithm>
@@ -81,19 +82,20 @@ inline TileGrid tile_grid(int64_t batch, int64_t tokens, int64_t rows, int64_t c
   return {grid, static_cast<int>(tiles_i), static_cast<int>(n_tiles), per};
 }
 
-// acts and grads contiguous with one element type (grads follow acts: mixed dtypes are rare and
-// a copy is fine), and the optional fp32 token mask.
-struct LinearInputs {
-  at::Tensor acts, grads, mask;
+// A (B, T, d) tensor read in place, in its own dtype, through its strides (in elements): a
+// kernel that gathers a few columns never needs a contiguous copy of the whole tensor.
+template <typename scalar_t>
+struct Strided3 {
+  const scalar_t* __restrict__ data;
+  int64_t sb, st, sd;
 
-  LinearInputs(const at::Tensor& a, const at::Tensor& g, const std::optional<at::Tensor>& m)
-      : acts(a.contiguous()),
-        grads(g.to(a.scalar_type()).contiguous()),
-        mask(m ? m->contiguous() : at::Tensor()) {}
+  explicit Strided3(const at::Tensor& t)
+      : data(t.data_ptr<scalar_t>()), sb(t.stride(0)), st(t.stride(1)), sd(t.stride(2)) {}
 
-  const float* mask_ptr() const { return mask.defined() ? mask.data_ptr<float>() : nullptr; }
-  int64_t batch() const { return acts.size(0); }
-  int64_t tokens() const { return acts.size(1); }
+  // Element (b, 0, i); token t of that column is at [t * st].
+  __device__ __forceinline__ const scalar_t* column(int64_t b, int64_t i) const {
+    return data + b * sb + i * sd;
+  }
 };
 
 }  // namespace cuda

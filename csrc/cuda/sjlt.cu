@@ -2,7 +2,9 @@
 // Semantics: grass_kernels/reference.py.
 //
 // sjlt / grass: a block owns R rows and a chunk of their columns. Each thread loads its inputs
-// (16-byte vector loads when the rows are aligned; a gather through `indices` for grass),
+// (16-byte vector loads when the columns are adjacent and the rows aligned; otherwise one
+// element at a time through both strides, so a column-strided x is read in place; a gather
+// through `indices` for grass),
 // decodes the SJLT codes once for the R rows, and adds into the rows' k-vectors held in shared
 // memory (fast shared atomics, R * k * 4 bytes). At the end the block flushes its k-vectors to
 // the output with one global atomic per non-zero bucket, or plain stores when it is the only
@@ -22,8 +24,8 @@ namespace {
 // in shared memory (R * k floats) and flush, else add straight into `out`.
 template <typename scalar_t, int R, int V, bool kGather, bool kShared>
 __global__ void __launch_bounds__(kThreads)
-    sjlt_rows_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n_rows,
-                     int64_t d, const int64_t* __restrict__ columns,
+    sjlt_rows_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t col_stride,
+                     int64_t n_rows, int64_t d, const int64_t* __restrict__ columns,
                      const int32_t* __restrict__ codes, int c, int64_t k, int64_t chunk,
                      float scale, float* __restrict__ out) {
   extern __shared__ float smem[];
@@ -51,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < V; ++e) {
           if (r < rows && e < n) {
             const int64_t col = kGather ? __ldg(columns + i + e) : i + e;
-            v[r][e] = to_float(xr[r * row_stride + col]);
+            v[r][e] = to_float(xr[r * row_stride + col * col_stride]);
           } else {
             v[r][e] = 0.0f;
           }
@@ -63,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
       if (e >= n) break;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (r < rows) sjlt_scatter(target + r * k, codes, i + e, c, k, scale * v[r][e]);
+        if (r < rows) sjlt_scatter(target + r * k, codes, i + e, c, scale * v[r][e]);
       }
     }
   }
@@ -82,7 +84,7 @@ constexpr int64_t kRowsSmemBudget = 64 * 1024;
 template <typename scalar_t>
 struct RowsArgs {
   const scalar_t* x;
-  int64_t row_stride, n_rows, d;
+  int64_t row_stride, col_stride, n_rows, d;
   const int64_t* columns;  // grass: the selected columns; sjlt: nullptr
   const int32_t* codes;
   int c;
@@ -95,27 +97,27 @@ template <typename scalar_t, int R, int V, bool kGather, bool kShared>
 void launch_rows(const RowsArgs<scalar_t>& a) {
   auto kernel = sjlt_rows_kernel<scalar_t, R, V, kGather, kShared>;
   const int64_t smem = kShared ? R * a.k * 4 : 0;
-  allow_smem(kernel, smem);
   // One wave of resident blocks (the work is uniform, a partial second wave would idle most of
   // the GPU), but chunks long enough that each thread scatters several steps' worth and the
   // per-block flush (k entries per row) stays small beside it.
   const int64_t groups = ceil_div(a.n_rows, R);
   const int64_t min_chunk = std::max<int64_t>(static_cast<int64_t>(kThreads) * V * 4, a.k);
-  const int64_t want = resident_blocks(kernel, smem) / groups;
+  const int64_t want = launch_capacity(reinterpret_cast<const void*>(kernel), smem) / groups;
   const int64_t chunks =
       std::max<int64_t>(1, std::min({want, ceil_div(a.d, min_chunk), int64_t{65535}}));
   const int64_t chunk = ceil_div(ceil_div(a.d, chunks), V) * V;  // keeps vector loads aligned
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(ceil_div(a.d, chunk)));
   kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a.x, a.row_stride, a.n_rows, a.d, a.columns, a.codes, a.c, a.k, chunk, a.scale, a.out);
+      a.x, a.row_stride, a.col_stride, a.n_rows, a.d, a.columns, a.codes, a.c, a.k, chunk,
+      a.scale, a.out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// y (N, k) fp32 = sum over the d (possibly gathered) columns of x, scaled by `scale`.
-at::Tensor sjlt_rows(const at::Tensor& x_in, const at::Tensor* columns, const at::Tensor& codes,
+// y (N, k) fp32 = sum over the d (possibly gathered) columns of x, scaled by `scale`. x is
+// read in place through both strides.
+at::Tensor sjlt_rows(const at::Tensor& x, const at::Tensor* columns, const at::Tensor& codes,
                      int64_t k, double scale) {
-  const at::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::cuda::CUDAGuard guard(x.device());
   const int64_t n_rows = x.size(0);
   const int64_t d = columns ? columns->numel() : x.size(1);
   const int c = static_cast<int>(codes.size(1));
@@ -126,7 +128,7 @@ at::Tensor sjlt_rows(const at::Tensor& x_in, const at::Tensor* columns, const at
   const bool many_rows = shared && n_rows >= kMaxRows && kMaxRows * k * 4 <= kRowsSmemBudget;
   const float s = static_cast<float>(scale / std::sqrt(static_cast<double>(c)));
   GRASS_DISPATCH_FLOATING(x.scalar_type(), "grass_kernels::sjlt (CUDA)", [&] {
-    const RowsArgs<scalar_t> args{x.data_ptr<scalar_t>(), x.stride(0), n_rows, d,
+    const RowsArgs<scalar_t> args{x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n_rows, d,
                                   columns ? columns->data_ptr<int64_t>() : nullptr,
                                   codes.data_ptr<int32_t>(), c, k, s, out.data_ptr<float>()};
     // One instantiation per (rows per block, vector width, gather, shared) that can occur.
@@ -142,7 +144,8 @@ at::Tensor sjlt_rows(const at::Tensor& x_in, const at::Tensor* columns, const at
       }
     };
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+    const bool aligned = x.stride(1) == 1 &&
+                         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                          (x.stride(0) * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0;
     if (columns) {
       go(std::integral_constant<int, 1>{}, std::true_type{});
@@ -168,8 +171,7 @@ __global__ void __launch_bounds__(kThreads)
     float acc = 0.0f;
     for (int j = 0; j < c; ++j) {
       const int32_t code = __ldg(row + j);
-      const int32_t b = code_bucket(code);
-      if (b < k) acc += code_sign(code) * to_float(yr[b]);
+      acc += code_sign(code) * to_float(yr[code_bucket(code)]);
     }
     out[idx] = acc * scale;
   }
@@ -179,7 +181,9 @@ at::Tensor sjlt(const at::Tensor& x, const at::Tensor& codes, int64_t k) {
   check_float(x, "x", 2);
   check_codes(codes, "codes", x.size(1), x);
   check_k(k, codes);
-  return sjlt_rows(x, nullptr, codes.contiguous(), k, 1.0);
+  const at::Tensor table = codes.contiguous();
+  check_ranges({{table, "codes", k, "k", true}});
+  return sjlt_rows(x, nullptr, table, k, 1.0);
 }
 
 at::Tensor grass(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& codes,
@@ -189,7 +193,9 @@ at::Tensor grass(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
   check_codes(codes, "codes", indices.numel(), x);
   check_k(k, codes);
   const at::Tensor idx = indices.contiguous();
-  return sjlt_rows(x, &idx, codes.contiguous(), k, scale);
+  const at::Tensor table = codes.contiguous();
+  check_ranges({{table, "codes", k, "k", true}, {idx, "indices", x.size(1), "", false}});
+  return sjlt_rows(x, &idx, table, k, scale);
 }
 
 at::Tensor sjlt_transpose(const at::Tensor& y_in, const at::Tensor& codes_in) {
@@ -199,6 +205,7 @@ at::Tensor sjlt_transpose(const at::Tensor& y_in, const at::Tensor& codes_in) {
   const at::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous();
   const at::Tensor codes = codes_in.contiguous();
+  check_ranges({{codes, "codes", y.size(1), "k", true}});
   const int64_t d = codes.size(0);
   const int c = static_cast<int>(codes.size(1));
   at::Tensor out = at::empty({y.size(0), d}, y.options().dtype(at::kFloat));
