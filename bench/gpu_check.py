@@ -76,9 +76,11 @@ COLUMNS = ["case", "op", "impl", "rel err", "bound", "verdict", "ms", "x vs torc
 
 # Relative-error bounds against the fp32 reference on the same (rounded) inputs.
 UNIT_ROUNDOFF = 2.0**-24
-# Triton's tl.dot rounds fp32 operands (the projections, the sketched tokens) to the 16-bit
-# dtype of the inputs: one bf16 rounding per operand is 2**-9 relative, two operands per
-# product, so about 4e-3 at worst for a sum of products; 5e-3 allows for it.
+# Triton's factorized kernels multiply on tensor cores for 16-bit inputs: fp32 operands (the
+# projections) rounded to the 16-bit dtype (2**-9 relative for bf16) or TF32 products of the
+# sketches (2**-11 per operand), two operands per product: about 4e-3 at worst for a sum of
+# products; 5e-3 allows for it. Its flat ops scatter in fp32 and get the fp32 bound.
+TRITON_DOT_OPS = ("fact_grass", "fact_sjlt", "logra")
 TRITON_16BIT_BOUND = 5e-3
 # torch baselines in bf16 round their GEMM outputs (and the unfused mask its rescaled copy) to
 # bf16: 2**-9 per element.
@@ -244,10 +246,10 @@ def kernel_backends(op: str, dry: bool) -> list[str]:
     return ["triton"] if op in NO_CUDA_KERNEL else ["cuda", "triton"]
 
 
-def kernel_bound(backend: str, fp32_terms: float, dtype) -> float:
+def kernel_bound(op: str, backend: str, fp32_terms: float, dtype) -> float:
     import torch
 
-    if backend == "triton" and dtype != torch.float32:
+    if backend == "triton" and op in TRITON_DOT_OPS and dtype != torch.float32:
         return max(TRITON_16BIT_BOUND, fp32_bound(fp32_terms))
     return fp32_bound(fp32_terms)
 
@@ -293,7 +295,8 @@ def section_flat(rows: Rows) -> None:
         for backend in kernel_backends("sjlt", rows.dry):
             rows.add(case, "sjlt", backend,
                      lambda b=backend: gk.sjlt(x, s["k"], c=c, backend=b), x_bytes,
-                     ref=ref, bound=kernel_bound(backend, terms, dtype), baseline_ms=base)
+                     ref=ref, bound=kernel_bound("sjlt", backend, terms, dtype),
+                     baseline_ms=base)
 
         g_case = f"N={s['n']} D={s['d']:.0e} k'={s['kp']} k={s['k']} c={c}"
         g_bytes = s["n"] * s["kp"] * x.element_size()  # the selected entries only
@@ -306,7 +309,7 @@ def section_flat(rows: Rows) -> None:
         for backend in kernel_backends("grass", rows.dry):
             rows.add(g_case, "grass", backend,
                      lambda b=backend: gk.grass(x, s["k"], indices=idx, c=c, backend=b),
-                     g_bytes, ref=g_ref, bound=kernel_bound(backend, g_terms, dtype),
+                     g_bytes, ref=g_ref, bound=kernel_bound("grass", backend, g_terms, dtype),
                      baseline_ms=base)
             rows.add(g_case, "grass", f"unfused mask, then {backend} sjlt",
                      lambda b=backend: gk.sjlt(gk.mask(x, idx), s["k"], c=c, backend=b),
@@ -369,7 +372,7 @@ def section_factorized(rows: Rows) -> None:
             rows.add(case, "fact_grass", backend,
                      lambda b=backend: gk.fact_grass(acts, grads, s["k"], in_indices=in_idx,
                                                      out_indices=out_idx, backend=b),
-                     nbytes, ref=ref, bound=kernel_bound(backend, terms, dtype),
+                     nbytes, ref=ref, bound=kernel_bound("fact_grass", backend, terms, dtype),
                      baseline_ms=base, memory=True)
 
         side = s["side"]
@@ -385,7 +388,7 @@ def section_factorized(rows: Rows) -> None:
             rows.add(case, "logra", backend,
                      lambda b=backend: gk.logra(acts, grads, p_in=p_in, p_out=p_out, backend=b,
                                                 path="factorized"),
-                     nbytes, ref=ref, bound=kernel_bound(backend, terms, dtype),
+                     nbytes, ref=ref, bound=kernel_bound("logra", backend, terms, dtype),
                      baseline_ms=base, memory=True)
 
         codes_in = _tables.sjlt_codes(d_in, side, 1, 0, device)
@@ -400,7 +403,7 @@ def section_factorized(rows: Rows) -> None:
             rows.add(case, "fact_sjlt", backend,
                      lambda b=backend: gk.fact_sjlt(acts, grads, k_in=side, k_out=side,
                                                     backend=b, path="factorized"),
-                     nbytes, ref=ref, bound=kernel_bound(backend, terms, dtype),
+                     nbytes, ref=ref, bound=kernel_bound("fact_sjlt", backend, terms, dtype),
                      baseline_ms=base, memory=True)
         del acts, grads, ref
         if device == "cuda":

@@ -9,7 +9,9 @@ fact_sjlt with backend=None, which picks its GPU kernel (Triton). All need a CUD
 Tolerance: the kernels and the reference both accumulate in fp32 from the same (rounded)
 inputs, so they differ only by the order of fp32 additions. For a sum of n terms of random sign
 that difference is about u * sqrt(n) relative (u = 2**-24); ``tolerance(n)`` allows 4x that,
-and never less than 1e-5.
+and never less than 1e-5. The one exception: Triton's fact_sjlt multiplies the sketches of
+16-bit inputs in TF32 (10-bit mantissa, 2**-11 relative per operand, two operands per
+product), so it is held to TF32_BOUND = 3 * 2**-10 there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from grass_kernels import reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 UNIT_ROUNDOFF = 2.0**-24
+TF32_BOUND = 3 * 2.0**-10
 
 
 def tolerance(terms: float) -> float:
@@ -95,6 +98,8 @@ def fact_sjlt_case(acts, grads, k_in, k_out, *, c=1, bias=False, mask=None):
     d = max(acts.shape[-1], grads.shape[-1])
     err = rel_err(out, ref)
     bound = tolerance(acts.shape[1] * d * c / min(k_in, k_out))
+    if {acts.dtype, grads.dtype} != {torch.float32}:
+        bound = max(bound, TF32_BOUND)  # a 16-bit input: sketches multiplied in TF32
     assert err < bound, (tuple(acts.shape), acts.dtype, grads.dtype, k_in, k_out, err, bound)
 
 
