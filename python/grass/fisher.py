@@ -1,0 +1,128 @@
+"""The sampled ("true") Fisher: per-layer sums of compressed gradients at targets drawn from the
+model's own predictive distribution.
+
+For every train example i and draw s = 1..S, ``fisher_loss_fn(model, batch, generator)`` returns
+the loss at targets drawn with ``generator`` from the model's predictions; the compressed
+gradients psi_{i,s} of those losses give F_l = 1/(n S) sum_{i,s} psi_{i,s,l} psi_{i,s,l}^T.
+This module sums them; the caller divides by n S after summing over ranks.
+
+Reproducible: draw s of the batch whose first row is r uses a generator seeded from
+(seed, s, r), so the targets depend on neither the world size nor a resume. Work is split by
+batch: a rank takes the batches whose first row lies in its share of rows.
+
+Resumable: every ``checkpoint_rows`` rows the running sums, the first rows of the finished
+batches and the run's key (seed, draws, batch size, world size, rank) are saved as one array of
+the store, ``fisher_sums.<writer>``. A rerun with the same key continues from there; any other
+key, or a checkpoint that fails its checksum, starts the pass over (sums from another split of
+the batches cannot be told apart per batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from .curvature import add_outer_products, zero_sums
+from .store import GradientStore, StoreError
+
+__all__ = ["FisherLoss", "draw_generator", "sampled_sums"]
+
+# fisher_loss_fn(model, batch, generator) -> (B,) losses at targets drawn with generator.
+FisherLoss = Callable[[torch.nn.Module, object, torch.Generator], torch.Tensor]
+# features(first_row, batch, loss_fn) -> (B, width) compressed gradients of loss_fn(model, batch).
+Features = Callable[[int, object, Callable[[torch.nn.Module, object], torch.Tensor]], torch.Tensor]
+
+
+def draw_generator(seed: int, draw: int, first_row: int, device: torch.device) -> torch.Generator:
+    """The generator of draw ``draw`` for the batch starting at row ``first_row``."""
+    digest = hashlib.blake2b(f"{seed}:{draw}:{first_row}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") >> 1)  # a non-negative int64
+    return generator
+
+
+class _Checkpoint:
+    """One rank's running sums, saved in the store as a single fp64 array:
+    [key (5 values), number of finished batches m, their first rows (m), the sums (sum k_l^2)]."""
+
+    def __init__(self, store: GradientStore, layers: Mapping[str, int], key: tuple[int, ...]):
+        self.store, self.layers, self.key = store, dict(layers), key
+        self.name = f"fisher_sums.{store.writer}"
+
+    def load(self, device) -> tuple[dict[str, torch.Tensor], set[int]] | None:
+        """(sums, finished first rows) saved by a run with the same key, else None."""
+        if not self.store.has_array(self.name):
+            return None
+        try:
+            flat = self.store.load_array(self.name)
+        except StoreError as error:
+            warnings.warn(f"grass: {error}; the sampled Fisher pass starts over", RuntimeWarning,
+                          stacklevel=4)
+            return None
+        n_key = len(self.key)
+        if tuple(int(v) for v in flat[:n_key]) != self.key:
+            return None
+        m = int(flat[n_key])
+        done = {int(v) for v in flat[n_key + 1:n_key + 1 + m]}
+        sums, pos = {}, n_key + 1 + m
+        for name, k in self.layers.items():
+            sums[name] = flat[pos:pos + k * k].view(k, k).float().to(device)
+            pos += k * k
+        return sums, done
+
+    def save(self, sums: Mapping[str, torch.Tensor], done: set[int]) -> None:
+        head = torch.tensor([*self.key, len(done), *sorted(done)], dtype=torch.float64)
+        body = [sums[name].detach().double().cpu().reshape(-1) for name in self.layers]
+        self.store.save_array(self.name, torch.cat([head, *body]))
+
+
+def sampled_sums(
+    batches: Iterable[tuple[int, object]],
+    features: Features,
+    fisher_loss_fn: FisherLoss,
+    *,
+    store: GradientStore,
+    samples: int,
+    seed: int,
+    key: tuple[int, ...],
+    device: torch.device,
+    checkpoint_rows: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-layer sum over this rank's ``batches`` and ``samples`` draws of psi psi^T:
+    name -> (k_l, k_l) fp32 on ``device``, unnormalised (sums over ranks add up).
+
+    batches: (first row, batch) pairs, this rank's only; those finished by an earlier run with
+    the same ``key`` (anything that changes the batches or their split) are skipped.
+    on_batch(rows) is called after each batch (progress).
+    """
+    checkpoint = _Checkpoint(store, store.layers, key)
+    resumed = checkpoint.load(device)
+    sums, done = resumed if resumed is not None else (zero_sums(store.layers, device), set())
+    unsaved = 0
+    for first_row, batch in batches:
+        if first_row in done:
+            continue
+        rows = 0
+        for draw in range(samples):
+            generator = draw_generator(seed, draw, first_row, device)
+
+            def loss_at_drawn_targets(model, batch, generator=generator):
+                return fisher_loss_fn(model, batch, generator)
+
+            out = features(first_row, batch, loss_at_drawn_targets)
+            add_outer_products(sums, out, store.offsets)
+            rows = out.shape[0]
+        done.add(first_row)
+        unsaved += rows
+        if unsaved >= checkpoint_rows:
+            checkpoint.save(sums, done)
+            unsaved = 0
+        if on_batch is not None:
+            on_batch(rows)
+    if unsaved:
+        checkpoint.save(sums, done)
+    return sums
