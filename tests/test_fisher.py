@@ -201,3 +201,109 @@ def test_absolute_damping_is_lambda_times_identity():
     expected = test_phi @ torch.linalg.solve(fisher + 0.05 * torch.eye(len(fisher),
                                                                        dtype=torch.float64), phi.T)
     torch.testing.assert_close(attr.attribute(test).double(), expected, rtol=1e-4, atol=1e-7)
+
+
+# -- resume and ranks --------------------------------------------------------------------------
+N_ROWS, BATCH = 37, 4  # odd: the last batch is short and rank shares cut through batches
+
+
+def _rows(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 7, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _fisher_attributor(store, fisher_loss_fn=sampled_label_loss) -> grass.Attributor:
+    return grass.Attributor(make_mlp(7, 6, 4, seed=5), per_example_loss, grass.FactGraSS(k=16),
+                            hessian="fisher", fisher_loss_fn=fisher_loss_fn, fisher_samples=3,
+                            absolute_damping=1e-3, store=store, batch_size=BATCH, chunk_size=8,
+                            progress=False)
+
+
+def _scores(attr: grass.Attributor) -> torch.Tensor:
+    attr.cache(_rows(N_ROWS, 1))
+    return attr.attribute(_rows(5, 2))
+
+
+def test_killed_fisher_pass_resumes_from_its_checkpoint(tmp_path):
+    calls = {"batches": 0}
+
+    def dies_after_five(model, batch, generator):
+        if calls["batches"] == 5 * 3:  # five batches of three draws each
+            raise KeyboardInterrupt("killed")
+        calls["batches"] += 1
+        return sampled_label_loss(model, batch, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        _scores(_fisher_attributor(tmp_path / "store", dies_after_five))
+    calls["batches"] = 0
+
+    def counting(model, batch, generator):
+        calls["batches"] += 1
+        return sampled_label_loss(model, batch, generator)
+
+    resumed = _scores(_fisher_attributor(tmp_path / "store", counting))
+    # Checkpoints every 8 rows (two batches): batches 1-4 were saved, the 5th was lost.
+    assert calls["batches"] == (10 - 4) * 3
+    uninterrupted = _scores(_fisher_attributor(tmp_path / "fresh"))
+    assert torch.equal(resumed, uninterrupted)
+    # A finished pass is read back whole: nothing is recomputed.
+    calls["batches"] = 0
+    assert torch.equal(_scores(_fisher_attributor(tmp_path / "store", counting)), uninterrupted)
+    assert calls["batches"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=90))
+    try:
+        scores = _scores(_fisher_attributor(store))
+        if rank == 0:
+            torch.save(scores, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fisher_sharded_over_two_ranks_equals_one_process(tmp_path):
+    out = str(tmp_path / "scores.pt")
+    mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path / "ranks"), out), nprocs=2,
+                       start_method="spawn", join=True)
+    single = _scores(_fisher_attributor(tmp_path / "single"))
+    torch.testing.assert_close(torch.load(out), single, rtol=1e-5, atol=1e-6 * single.abs().max())
+
+
+# -- ensembles ---------------------------------------------------------------------------------
+def test_ensemble_scores_are_the_mean_of_its_members(tmp_path):
+    train, test = _rows(N_ROWS, 1), _rows(5, 2)
+    members = [grass.Attributor(make_mlp(7, 6, 4, seed=s), per_example_loss, grass.LoGra(k=16),
+                                store=tmp_path / f"m{s}", batch_size=BATCH, progress=False)
+               for s in range(3)]
+    ensemble = grass.Ensemble(members)
+    stores = ensemble.cache(train)
+    assert len({s.path for s in stores}) == 3
+    alone = torch.stack([m.attribute(test) for m in members])
+    assert not torch.allclose(alone[0], alone[1])  # the members really differ
+    torch.testing.assert_close(ensemble.attribute(test), alone.mean(0))
+    torch.testing.assert_close(ensemble.self_influence(),
+                               torch.stack([m.self_influence() for m in members]).mean(0))
+    values, indices = ensemble.top_k(test, 4)
+    torch.testing.assert_close(values, alone.mean(0).topk(4, dim=1).values)
+    assert torch.equal(indices, alone.mean(0).topk(4, dim=1).indices)
+
+
+def test_ensemble_refuses_shared_stores_and_non_attributors(tmp_path):
+    model = make_mlp(7, 6, 4)
+    same = [grass.Attributor(model, per_example_loss, grass.Identity(), store=tmp_path / "s")
+            for _ in range(2)]
+    with pytest.raises(ValueError, match="distinct stores"):
+        grass.Ensemble(same)
+    with pytest.raises(TypeError, match="grass.Attributor"):
+        grass.Ensemble([model])
+    with pytest.raises(TypeError, match="non-empty"):
+        grass.Ensemble([])
