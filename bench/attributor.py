@@ -127,15 +127,16 @@ def fisher_study(n_test: int = 500, n_subsets: int = 100) -> None:
 
     configs = {
         "efim rel 0.5": {"hessian": "efim"},
-        "fisher rel 0.5 S=4": {"hessian": "fisher"},
+        "fisher rel 0.5 S=4": {"hessian": "fisher", "fisher_samples": 4},
         "fisher rel 0.5 S=1": {"hessian": "fisher", "fisher_samples": 1},
         "fisher rel 0.5 S=16": {"hessian": "fisher", "fisher_samples": 16},
         f"efim abs {wd:g} (weight decay)": {"hessian": "efim", "absolute_damping": wd},
-        f"fisher abs {wd:g} (weight decay) S=4": {"hessian": "fisher", "absolute_damping": wd},
+        f"fisher abs {wd:g} (weight decay) S=4": {"hessian": "fisher", "absolute_damping": wd,
+                                                   "fisher_samples": 4},
         f"fisher abs {wd:g} (weight decay) S=16": {"hessian": "fisher", "absolute_damping": wd,
                                                     "fisher_samples": 16},
         "efim rel 0.05": {"hessian": "efim", "damping": 0.05},
-        "fisher rel 0.05 S=4": {"hessian": "fisher", "damping": 0.05},
+        "fisher rel 0.05 S=4": {"hessian": "fisher", "damping": 0.05, "fisher_samples": 4},
     }
     per_example, pairs = {}, []
     for compressor in (grass.Identity(), grass.FactGraSS(k=64), grass.LoGra(k=64)):

@@ -4,16 +4,19 @@
     .venv/bin/python -m bench.lm --quick    # tiny smoke run (what tests/test_lm_bench.py runs)
 
 Pipeline: train a byte-level GPT-2 on blocks of the Python standard library (bench/lm_data.py);
-retrain it on random 50% subsets and record each test block's loss (the LDS ground truth,
-cached in <out>/lm_groundtruth.npz by grass.lds.subset_targets, so only the first run pays for
-it); attribute the test blocks to the training blocks through every Linear/Conv1D layer with
-FactGraSS, LoGra, FactSJLT and Identity; report LDS, cache throughput (tokens/s) and cache time
-over the time of plain training steps (forward + backward with weight gradients) on the same
-batches, measured in the same process.
+retrain it on random 50% subsets, each with several batch orders whose test losses are averaged
+(the LDS ground truth, cached in <out>/lm_groundtruth.npz by grass.lds.subset_targets, so only
+the first run pays for it); attribute the test blocks to the training blocks through every
+Linear/Conv1D layer with each method of ``methods``: efim against fisher (targets sampled from
+the model, S draws), relative against absolute damping, one checkpoint against the mean over
+several, the compressors, and uncompressed gradients. LDS per test block gives each method a
+bootstrap interval and each listed pair of methods a paired interval of their difference.
+Capture (features into the store) and curvature (Fisher + factorisation on the complete store)
+are timed apart, after a warm-up, against plain training steps on the same batches.
 
-Identity keeps every layer uncompressed (k_l up to 65k), where a dense k_l x k_l Fisher does not
-fit; it runs with hessian="identity" (plain gradient inner products), and so do the compressed
-methods in a second set of rows, so that Identity has a like-for-like comparison.
+Identity keeps every layer uncompressed (k_l up to 16k), where a dense k_l x k_l Fisher does not
+fit; it runs with hessian="identity" (plain inner products), and so does FactGraSS in one row,
+so that Identity has a like-for-like comparison.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def methods(members: int) -> list[Method]:
     fg = "FactGraSS"
     return [
         Method(fg, "efim"), Method(fg, "fisher"),
-        Method(fg, "fisher", samples=1), Method(fg, "fisher", samples=16),
+        Method(fg, "fisher", samples=1), Method(fg, "fisher", samples=4),
         Method(fg, "efim", absolute=0.05), Method(fg, "efim", absolute=0.5), Method(fg, "efim", absolute=5.0),
         Method(fg, "fisher", absolute=0.05), Method(fg, "fisher", absolute=0.5),
         Method(fg, "fisher", absolute=5.0),
@@ -128,7 +131,9 @@ def comparisons(members: int) -> list[tuple[Method, Method]]:
     return [
         (Method(fg, "fisher"), Method(fg, "efim")),
         (Method("LoGra", "fisher"), Method("LoGra", "efim")),
-        (Method(fg, "fisher", samples=16), Method(fg, "fisher", samples=1)),
+        (Method(fg, "fisher", damping=0.05), Method(fg, "efim", damping=0.05)),
+        (Method(fg, "fisher"), Method(fg, "fisher", samples=1)),
+        (Method(fg, "fisher"), Method(fg, "fisher", samples=4)),
         (Method(fg, "efim", absolute=0.5), Method(fg, "efim")),
         (Method(fg, "fisher", absolute=0.5), Method(fg, "fisher")),
         (Method(fg, "efim", members=members), Method(fg, "efim")),
@@ -152,13 +157,16 @@ def train_step_seconds(model, batches) -> float:
 class Runner:
     """Attributors over one store per (compressor, checkpoint) in ``root``: capture runs once per
     store (timed after a warm-up), and every Hessian and damping reuses the rows, so an
-    Attributor.cache on a complete store times the curvature alone."""
+    Attributor.cache on a complete store times the curvature alone. Each timed call is framed by
+    two timed training epochs (``train_epoch_s``): its ratio is over their mean, so that load
+    from other processes hits both sides alike."""
 
     def __init__(self, setting: Setting, models, train_blocks, test_blocks, root: Path):
         self.setting, self.models, self.root = setting, models, root
         self.train_blocks, self.test_blocks = train_blocks, test_blocks
-        self.capture_s: dict[str, float] = {}
-        self.curvature_s: dict[str, float] = {}
+        self.batches = train_blocks.split(setting.lm.batch_size)
+        train_step_seconds(models[0], self.batches[:1])  # warm-up: first-call allocations
+        self.timings: dict[str, tuple[str, float, float]] = {}  # label -> (part, s, s / epoch)
         self.scale: dict[str, float] = {}  # compressor -> mean over layers of tr(F_l) / k_l
         self._test: dict[tuple[str, int], grass.Features] = {}
 
@@ -175,12 +183,23 @@ class Runner:
         if key not in self._test:
             attr = self._attributor(compressor, member, hessian="identity")
             attr.features(self.train_blocks[:self.setting.lm.batch_size])  # warm-up
-            start = time.perf_counter()
-            attr.cache(self.train_blocks)
-            if member == 0:
-                self.capture_s[compressor] = time.perf_counter() - start
+            self._framed(lambda: attr.cache(self.train_blocks), member == 0, compressor, "capture")
             self._test[key] = attr.features(self.test_blocks)
         return self._test[key]
+
+    def _framed(self, fn, timed: bool, label: str, part: str) -> None:
+        """Run ``fn``; when ``timed``, record its seconds and their ratio to a training epoch
+        (forward + backward with weight gradients over the same batches) timed just before and
+        just after it."""
+        if not timed:
+            fn()
+            return
+        before = train_step_seconds(self.models[0], self.batches)
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        after = train_step_seconds(self.models[0], self.batches)
+        self.timings[label] = (part, seconds, seconds / ((before + after) / 2))
 
     def _curvature_scale(self, compressor: str) -> float:
         if compressor not in self.scale:
@@ -202,12 +221,11 @@ class Runner:
         for member in range(method.members):
             tests.append(self._features(method.compressor, member))
             attr = self._attributor(method.compressor, member, **options)
-            start = time.perf_counter()
-            attr.cache(self.train_blocks)  # the rows are stored: this is the curvature alone
             curvature = f"{method.compressor} {method.hessian}" + (
                 f" S={method.samples}" if method.hessian == "fisher" else "")
-            if member == 0 and method.hessian != "identity" and curvature not in self.curvature_s:
-                self.curvature_s[curvature] = time.perf_counter() - start
+            timed = member == 0 and method.hessian != "identity" and curvature not in self.timings
+            # The rows are stored: this is the curvature alone.
+            self._framed(lambda: attr.cache(self.train_blocks), timed, curvature, "curvature")
             members.append(attr)
         if len(members) == 1:
             return members[0].attribute(tests[0])
@@ -227,9 +245,6 @@ def run(setting: Setting, out_dir: Path, *, progress: bool = True, members: int 
     truth_s = time.perf_counter() - t0
     # The checkpoints of an ensemble differ in batch order only, like the retrained models.
     models = [train(cfg, train_blocks, order_seed=FULL_ORDER_SEED + m) for m in range(members)]
-    batches = train_blocks.split(cfg.batch_size)
-    train_step_seconds(models[0], batches[:1])  # warm-up: first-call allocations
-    step_s = train_step_seconds(models[0], batches)
 
     per_example = {}
     with tempfile.TemporaryDirectory(prefix="grass-lm-") as root:
@@ -241,15 +256,13 @@ def run(setting: Setting, out_dir: Path, *, progress: bool = True, members: int 
                 tqdm.write(f"{method.label}: LDS {float(values.nanmean()):.4f}")
     rows, differences = lds_tables(per_example, [(a.label, b.label) for a, b in comparisons(members)])
     tokens = train_blocks.numel()
-    timings = [{"timed": c, "capture s": round(s, 2), "capture / train step": round(s / step_s, 3),
-                "capture tokens/s": round(tokens / s)} for c, s in runner.capture_s.items()]
-    timings += [{"timed": c, "curvature s": round(s, 2),
-                 "curvature / train step": round(s / step_s, 3)} for c, s in runner.curvature_s.items()]
+    timings = [{"timed": label, "part": part, "seconds": round(s, 4),
+                "over a training epoch": round(ratio, 4), "tokens/s": round(tokens / s)}
+               for label, (part, s, ratio) in runner.timings.items()]
     meta = {"config": dataclasses.asdict(cfg), "n_subsets": setting.n_subsets,
             "train_seeds_per_subset": setting.train_seeds, "k_per_layer": setting.k,
             "checkpoints": members, "threads": torch.get_num_threads(),
             "ground_truth_seconds_this_run": round(truth_s, 1),
-            "train_step_tokens_per_s": round(tokens / step_s),
             "curvature_scale": {c: float(f"{v:.4g}") for c, v in runner.scale.items()},
             "test_examples_used": int((~torch.stack(list(per_example.values())).isnan().any(0)).sum())}
     results = {"meta": meta, "rows": rows, "differences": differences, "timings": timings}
@@ -268,8 +281,6 @@ def _write(results: dict, setting: Setting, out_dir: Path) -> None:
 
     (out_dir / "lm.json").write_text(json.dumps(results, indent=1) + "\n")
     rows, timings = results["rows"], results["timings"]
-    timing_columns = list(dict.fromkeys(c for t in timings for c in t))
-    timing_rows = [{c: t.get(c, "") for c in timing_columns} for t in timings]
     (out_dir / "lm.md").write_text(
         "# Language-model benchmark (bench/lm.py)\n\n"
         f"Byte-level GPT-2 on Python stdlib blocks; setup: `{json.dumps(results['meta'])}`.\n\n"
@@ -282,11 +293,12 @@ def _write(results: dict, setting: Setting, out_dir: Path) -> None:
         + format_table(rows, list(rows[0])) + "\n\n"
         "Paired differences (same bootstrap resamples; significant when the interval excludes 0):"
         "\n\n" + format_table(results["differences"], list(results["differences"][0])) + "\n\n"
-        "Time: capture (features into the store) after a warm-up call, and the curvature alone "
+        "Time: capture (features into the store, after a warm-up call) and curvature alone "
         "(Attributor.cache on the complete store: Fisher sums + Cholesky; for fisher the S "
-        "sampled capture passes), each over one training epoch's batches, against forward + "
-        "backward with weight gradients on the same batches, same process, malloc thresholds "
-        "set for all.\n\n" + format_table(timing_rows, timing_columns) + "\n")
+        "sampled capture passes), each over one epoch of the training batches, measured once "
+        "and divided by the mean of a training epoch (forward + backward with weight gradients, "
+        "same batches) timed just before and just after it; malloc thresholds set for all.\n\n"
+        + format_table(timings, list(timings[0])) + "\n")
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.5))
     means = [r["LDS"] for r in rows]
     half = [r["CI half-width"] for r in rows]

@@ -41,7 +41,7 @@ from .store import GradientStore
 # while 1e-5 (DESIGN's first guess) loses up to 0.5 LDS for uncompressed gradients.
 DEFAULT_DAMPING = 0.5
 # Draws per example of hessian="fisher": see the README's "Choosing the Hessian and damping".
-DEFAULT_FISHER_SAMPLES = 4
+DEFAULT_FISHER_SAMPLES = 16
 CONFIG_VERSION = 1
 
 
@@ -366,8 +366,7 @@ class Attributor:
         """hessian="fisher": name -> (k_l, k_l) fp32 mean of psi psi^T over rows and draws, each
         rank summing the batches that start in its row share (see grass.fisher)."""
         first, last = distributed.own_rows(source.n)
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-            if distributed.active() else (0, 1)
+        rank, world = distributed.rank_world()
         key = (self.seed, self.fisher_samples, self.batch_size, world, rank)
         bar = tqdm(total=(last - first) * self.fisher_samples, desc="grass fisher", unit="ex",
                    disable=not self.progress)

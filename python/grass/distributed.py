@@ -36,7 +36,7 @@ from .scoring import Scorer
 from .store import GradientStore, StoreError
 
 __all__ = ["ShardedScorer", "active", "barrier", "fisher", "mean_over_ranks", "open_store",
-           "own_rows", "scorer", "shard", "split"]
+           "own_rows", "rank_world", "scorer", "shard", "split"]
 
 
 def active() -> bool:
@@ -44,7 +44,8 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
@@ -68,13 +69,13 @@ def split(ranges: list[tuple[int, int]], parts: int, index: int) -> list[tuple[i
 
 def shard(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """This rank's part of ``ranges`` (all of them without a process group)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     return split(ranges, world, rank)
 
 
 def own_rows(n_rows: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of rows [0, n_rows) (possibly empty)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     return n_rows * rank // world, n_rows * (rank + 1) // world
 
 

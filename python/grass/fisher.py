@@ -12,9 +12,10 @@ batch: a rank takes the batches whose first row lies in its share of rows.
 
 Resumable: every ``checkpoint_rows`` rows the running sums, the first rows of the finished
 batches and the run's key (seed, draws, batch size, world size, rank) are saved as one array of
-the store, ``fisher_sums.<writer>``. A rerun with the same key continues from there; any other
-key, or a checkpoint that fails its checksum, starts the pass over (sums from another split of
-the batches cannot be told apart per batch).
+the store, ``fisher_sums.<writer>``. A rerun with the same key continues from there (a finished
+pass is read back whole); any other key, or a checkpoint that fails its checksum, starts the pass
+over (sums from another split of the batches cannot be told apart per batch). The key cannot see
+the loss function itself: a different ``fisher_loss_fn`` needs another store.
 """
 
 from __future__ import annotations
