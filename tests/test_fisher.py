@@ -179,7 +179,7 @@ def test_missing_fisher_loss_fn_and_conflicting_damping_are_refused():
     with pytest.raises(ValueError, match="both given|were both"):
         grass.Attributor(model, per_example_loss, grass.Identity(), damping=0.1,
                          absolute_damping=1e-3)
-    with pytest.raises(ValueError, match="absolute_damping must be a finite float >= 0"):
+    with pytest.raises(ValueError, match="absolute_damping must be a float >= 0"):
         grass.Attributor(model, per_example_loss, grass.Identity(), absolute_damping=-1.0)
     with pytest.raises(ValueError, match="fisher_samples must be a positive int"):
         grass.Attributor(model, per_example_loss, grass.Identity(), hessian="fisher",

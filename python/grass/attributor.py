@@ -190,7 +190,7 @@ def _dampings(damping, absolute_damping) -> tuple[float, float]:
     for name, value in (("damping", damping), ("absolute_damping", absolute_damping)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not value >= 0 or value == float("inf")):
-            raise ValueError(f"{name} must be a finite float >= 0; got {value!r}")
+            raise ValueError(f"{name} must be a float >= 0 (and finite); got {value!r}")
     if absolute_damping is None:
         return float(DEFAULT_DAMPING if damping is None else damping), 0.0
     if damping:
