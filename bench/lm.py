@@ -53,13 +53,14 @@ class Setting:
     n_subsets: int
     k: int
     train_seeds: int = 1  # retrainings per subset (batch orders) whose test losses are averaged
+    fisher_samples: int = DEFAULT_FISHER_SAMPLES  # draws of the main fisher rows
 
 
 FULL = Setting(LMConfig(n_train=512, n_test=256, block=64, n_embd=64, epochs=3),
                n_subsets=128, k=256, train_seeds=2)
 QUICK = Setting(
     LMConfig(n_train=24, n_test=6, block=32, n_layer=1, n_embd=32, n_head=2, epochs=1, batch_size=8),
-    n_subsets=4, k=64, train_seeds=2,
+    n_subsets=4, k=64, train_seeds=2, fisher_samples=2,
 )
 
 
@@ -108,36 +109,44 @@ class Method:
         return " ".join(parts)
 
 
-def methods(members: int) -> list[Method]:
-    """Every row of the table: efim against fisher, relative against absolute damping, single
-    checkpoints against ensembles, the compressors, and uncompressed gradients."""
+def methods(members: int, samples: int = DEFAULT_FISHER_SAMPLES) -> list[Method]:
+    """Every row of the table: efim against fisher (``samples`` draws, and 1 and 4), relative
+    against absolute damping, single checkpoints against ensembles, the compressors, and
+    uncompressed gradients."""
     fg = "FactGraSS"
+
+    def fisher(compressor: str = fg, **options) -> Method:
+        return Method(compressor, "fisher", **{"samples": samples, **options})
+
     return [
-        Method(fg, "efim"), Method(fg, "fisher"),
-        Method(fg, "fisher", samples=1), Method(fg, "fisher", samples=4),
-        Method(fg, "efim", absolute=0.05), Method(fg, "efim", absolute=0.5), Method(fg, "efim", absolute=5.0),
-        Method(fg, "fisher", absolute=0.05), Method(fg, "fisher", absolute=0.5),
-        Method(fg, "fisher", absolute=5.0),
-        Method(fg, "efim", damping=0.05), Method(fg, "fisher", damping=0.05),
-        Method("LoGra", "efim"), Method("LoGra", "fisher"), Method("FactSJLT", "efim"),
+        Method(fg, "efim"), fisher(), fisher(samples=1), fisher(samples=4),
+        Method(fg, "efim", absolute=0.05), Method(fg, "efim", absolute=0.5),
+        Method(fg, "efim", absolute=5.0),
+        fisher(absolute=0.05), fisher(absolute=0.5), fisher(absolute=5.0),
+        Method(fg, "efim", damping=0.05), fisher(damping=0.05),
+        Method("LoGra", "efim"), fisher("LoGra"), Method("FactSJLT", "efim"),
         Method(fg, "identity"), Method("Identity", "identity"),
-        Method(fg, "efim", members=members), Method(fg, "fisher", members=members),
+        Method(fg, "efim", members=members), fisher(members=members),
     ]
 
 
 # Differences whose bootstrap interval is reported: (a, b) means LDS(a) - LDS(b).
-def comparisons(members: int) -> list[tuple[Method, Method]]:
+def comparisons(members: int, samples: int = DEFAULT_FISHER_SAMPLES) -> list[tuple[Method, Method]]:
     fg = "FactGraSS"
+
+    def fisher(compressor: str = fg, **options) -> Method:
+        return Method(compressor, "fisher", **{"samples": samples, **options})
+
     return [
-        (Method(fg, "fisher"), Method(fg, "efim")),
-        (Method("LoGra", "fisher"), Method("LoGra", "efim")),
-        (Method(fg, "fisher", damping=0.05), Method(fg, "efim", damping=0.05)),
-        (Method(fg, "fisher"), Method(fg, "fisher", samples=1)),
-        (Method(fg, "fisher"), Method(fg, "fisher", samples=4)),
+        (fisher(), Method(fg, "efim")),
+        (fisher("LoGra"), Method("LoGra", "efim")),
+        (fisher(damping=0.05), Method(fg, "efim", damping=0.05)),
+        (fisher(), fisher(samples=1)),
+        (fisher(), fisher(samples=4)),
         (Method(fg, "efim", absolute=0.5), Method(fg, "efim")),
-        (Method(fg, "fisher", absolute=0.5), Method(fg, "fisher")),
+        (fisher(absolute=0.5), fisher()),
         (Method(fg, "efim", members=members), Method(fg, "efim")),
-        (Method(fg, "fisher", members=members), Method(fg, "fisher")),
+        (fisher(members=members), fisher()),
         (Method(fg, "efim"), Method(fg, "identity")),
         (Method("Identity", "identity"), Method(fg, "identity")),
         (Method("LoGra", "efim"), Method(fg, "efim")),
@@ -249,12 +258,14 @@ def run(setting: Setting, out_dir: Path, *, progress: bool = True, members: int 
     per_example = {}
     with tempfile.TemporaryDirectory(prefix="grass-lm-") as root:
         runner = Runner(setting, models, train_blocks, test_blocks, Path(root))
-        for method in tqdm(methods(members), desc="methods", disable=not progress):
+        for method in tqdm(methods(members, setting.fisher_samples), desc="methods",
+                           disable=not progress):
             values = lds_per_example(runner.scores(method), subsets, targets)
             per_example[method.label] = values
             if progress:
                 tqdm.write(f"{method.label}: LDS {float(values.nanmean()):.4f}")
-    rows, differences = lds_tables(per_example, [(a.label, b.label) for a, b in comparisons(members)])
+    pairs = [(a.label, b.label) for a, b in comparisons(members, setting.fisher_samples)]
+    rows, differences = lds_tables(per_example, pairs)
     tokens = train_blocks.numel()
     timings = [{"timed": label, "part": part, "seconds": round(s, 4),
                 "over a training epoch": round(ratio, 4), "tokens/s": round(tokens / s)}

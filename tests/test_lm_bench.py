@@ -27,7 +27,7 @@ def test_lm_quick_runs_and_writes_consistent_results(tmp_path):
     results = lm.run(lm.QUICK, tmp_path, progress=False, members=2)
 
     rows = results["rows"]
-    assert [r["method"] for r in rows] == [m.label for m in lm.methods(2)]
+    assert [r["method"] for r in rows] == [m.label for m in lm.methods(2, lm.QUICK.fisher_samples)]
     for row in rows:
         low, high = _interval(row["95% CI"])
         assert -1 <= low <= row["LDS"] <= high <= 1, row
@@ -41,7 +41,7 @@ def test_lm_quick_runs_and_writes_consistent_results(tmp_path):
         assert diff["significant"] == ("yes" if low > 0 or high < 0 else "no")
     timed = {t["timed"] for t in results["timings"]}
     assert {"FactGraSS", "LoGra", "Identity", "FactGraSS efim",
-            f"FactGraSS fisher S={lm.DEFAULT_FISHER_SAMPLES}"} <= timed
+            f"FactGraSS fisher S={lm.QUICK.fisher_samples}"} <= timed
     for t in results["timings"]:
         assert t["part"] == ("capture" if t["timed"] in ("FactGraSS", "LoGra", "FactSJLT", "Identity")
                              else "curvature"), t
