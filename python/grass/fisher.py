@@ -10,9 +10,9 @@ Reproducible: draw s of the batch whose first row is r uses a generator seeded f
 (seed, s, r), so the targets depend on neither the world size nor a resume. Work is split by
 batch: a rank takes the batches whose first row lies in its share of rows.
 
-Resumable: every ``checkpoint_rows`` rows the running sums, the first rows of the finished
-batches and the run's key (seed, draws, batch size, world size, rank) are saved as one array of
-the store, ``fisher_sums.<writer>``. A rerun with the same key continues from there (a finished
+Resumable (with an on-disk store): every ``checkpoint_rows`` rows the running sums, the first
+rows of the finished batches and the run's key (seed, draws, batch size, world size, rank) are
+saved as one fp64 array of the store, ``fisher_sums.<writer>`` (2 sum_l k_l^2 x 4 bytes). A rerun with the same key continues from there (a finished
 pass is read back whole); any other key, or a checkpoint that fails its checksum, starts the pass
 over (sums from another split of the batches cannot be told apart per batch). The key cannot see
 the loss function itself: a different ``fisher_loss_fn`` needs another store.
@@ -100,8 +100,9 @@ def sampled_sums(
     the same ``key`` (anything that changes the batches or their split) are skipped.
     on_batch(rows) is called after each batch (progress).
     """
-    checkpoint = _Checkpoint(store, store.layers, key)
-    resumed = checkpoint.load(device)
+    # An in-memory store dies with its process: nothing to resume from, so no checkpoints.
+    checkpoint = _Checkpoint(store, store.layers, key) if store.path is not None else None
+    resumed = checkpoint.load(device) if checkpoint is not None else None
     sums, done = resumed if resumed is not None else (zero_sums(store.layers, device), set())
     unsaved = 0
     for first_row, batch in batches:
@@ -119,11 +120,11 @@ def sampled_sums(
             rows = out.shape[0]
         done.add(first_row)
         unsaved += rows
-        if unsaved >= checkpoint_rows:
+        if checkpoint is not None and unsaved >= checkpoint_rows:
             checkpoint.save(sums, done)
             unsaved = 0
         if on_batch is not None:
             on_batch(rows)
-    if unsaved:
+    if checkpoint is not None and unsaved:
         checkpoint.save(sums, done)
     return sums
