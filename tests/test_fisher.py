@@ -123,15 +123,26 @@ def test_fisher_is_reproducible_and_seeded():
     assert not torch.allclose(first, other, rtol=1e-3)
 
 
-def test_fisher_of_gpt2_equals_per_example_autograd_at_the_drawn_targets():
+def _causal_lm(arch: str):
+    transformers = pytest.importorskip("transformers", reason="needs transformers for the LMs")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=17, n_positions=8, n_embd=8, n_layer=1,
+                                         n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                         attn_pdrop=0.0, tie_word_embeddings=False)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(vocab_size=17, hidden_size=8, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=8,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fisher_of_causal_lm_equals_per_example_autograd_at_the_drawn_targets(arch):
     """The whole pass (capture, draws, sums, damping, scores) against an oracle built from
     autograd gradients of each example's loss at the same drawn tokens."""
-    transformers = pytest.importorskip("transformers", reason="needs transformers for GPT-2")
-    config = transformers.GPT2Config(vocab_size=17, n_positions=8, n_embd=8, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = _causal_lm(arch)
     ids = torch.randint(0, 17, (6, 8), generator=torch.Generator().manual_seed(1))
     test_ids = torch.randint(0, 17, (2, 8), generator=torch.Generator().manual_seed(2))
 
