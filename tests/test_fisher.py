@@ -105,6 +105,40 @@ def test_fisher_with_weight_decay_predicts_leave_one_out(leave_one_out):
     assert 0.8 < slope < 1.25, slope
 
 
+def test_exact_class_fisher_is_the_hessian_of_softmax_regression(leave_one_out):
+    """For softmax regression the expected Fisher over the model's own labels is the Hessian of
+    the mean cross-entropy, exactly: with absolute damping = L2 the scores are exact influence."""
+    from grass.fisher import ExactClasses
+
+    model, train, test, actual = leave_one_out
+    exact = ExactClasses(lambda m, batch: m(batch[0]).log_softmax(1), CLASSES)
+    scores = _predicted_change(model, train, test, hessian="fisher", fisher_loss_fn=exact,
+                               absolute_damping=WEIGHT_DECAY)
+    x, y = (t.double() if t.is_floating_point() else t for t in train)
+    w, b = model.weight.detach().double(), model.bias.detach().double()
+
+    def objective(w, b):
+        return F.cross_entropy(x @ w.T + b, y) + WEIGHT_DECAY / 2 * (w.pow(2).sum() + b.pow(2).sum())
+
+    (hww, hwb), (hbw, hbb) = torch.autograd.functional.hessian(objective, (w, b))
+    k = w.numel()
+    hessian = torch.cat([torch.cat([hww.reshape(k, k), hwb.reshape(k, CLASSES)], 1),
+                         torch.cat([hbw.reshape(CLASSES, k), hbb], 1)])
+
+    def grad(xs, ys):
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            F.cross_entropy(xs @ wg.T + bg, ys), (wg, bg))])
+
+    g_test = grad(test[0].double(), test[1])
+    influence = torch.stack([g_test @ torch.linalg.solve(hessian, grad(x[i:i + 1], y[i:i + 1]))
+                             for i in range(N_LOO)])
+    torch.testing.assert_close(scores.double(), influence, rtol=2e-3, atol=1e-4 * influence.abs().max())
+    assert _pearson(scores, actual) >= 0.998
+    with pytest.raises(TypeError, match="not a sampling loss"):
+        exact(model, train, None)
+
+
 def test_fisher_is_reproducible_and_seeded():
     model = make_mlp(6, 8, 4, seed=1)
     g = torch.Generator().manual_seed(2)

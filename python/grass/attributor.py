@@ -217,7 +217,8 @@ class Attributor:
         decay (the L2 term's share of the Hessian); giving both, each non-zero, is refused.
     fisher_loss_fn: for hessian="fisher", ``fisher_loss_fn(model, batch, generator) -> (B,)``
         per-example losses at targets drawn from the model's predictive distribution with
-        ``generator`` (a torch.Generator on ``device``).
+        ``generator`` (a torch.Generator on ``device``); or ``grass.fisher.ExactClasses`` for
+        the exact expectation over a classifier's classes (one capture pass per class).
     fisher_samples: draws per example for hessian="fisher" (each costs one capture pass).
     store: None (in memory) or a directory for an on-disk GradientStore; a run that was
         interrupted resumes there, computing only the missing rows.
@@ -367,8 +368,10 @@ class Attributor:
         rank summing the batches that start in its row share (see grass.fisher)."""
         first, last = distributed.own_rows(source.n)
         rank, world = distributed.rank_world()
-        key = (self.seed, self.fisher_samples, self.batch_size, world, rank)
-        bar = tqdm(total=(last - first) * self.fisher_samples, desc="grass fisher", unit="ex",
+        draws = fisher.draws(self.fisher_loss_fn, self.fisher_samples)
+        exact = isinstance(self.fisher_loss_fn, fisher.ExactClasses)
+        key = (self.seed, draws, int(exact), self.batch_size, world, rank)
+        bar = tqdm(total=(last - first) * draws, desc="grass fisher", unit="ex",
                    disable=not self.progress)
         with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
             def features(start, batch, loss_fn):
@@ -380,8 +383,8 @@ class Attributor:
             sums = fisher.sampled_sums(
                 own, features, self.fisher_loss_fn, store=store, samples=self.fisher_samples,
                 seed=self.seed, key=key, device=self.device, checkpoint_rows=self.chunk_size,
-                on_batch=lambda rows: bar.update(rows * self.fisher_samples))
-        return distributed.mean_over_ranks(sums, source.n * self.fisher_samples)
+                on_batch=lambda rows: bar.update(rows * draws))
+        return distributed.mean_over_ranks(sums, source.n * draws)
 
     # -- scores --------------------------------------------------------------------------------
     def _test_values(self, test_data) -> torch.Tensor:

@@ -6,12 +6,17 @@ the loss at targets drawn with ``generator`` from the model's predictions; the c
 gradients psi_{i,s} of those losses give F_l = 1/(n S) sum_{i,s} psi_{i,s,l} psi_{i,s,l}^T.
 This module sums them; the caller divides by n S after summing over ranks.
 
+Exact expectation: for a classifier with few classes, ``ExactClasses(log_probs_fn, C)`` in place
+of a sampling fisher_loss_fn makes the C "draws" the C classes, each weighted by its probability,
+so the sum is sum_i sum_c p_ic g_ic g_ic^T with no sampling noise, at C capture passes.
+
 Reproducible: draw s of the batch whose first row is r uses a generator seeded from
 (seed, s, r), so the targets depend on neither the world size nor a resume. Work is split by
 batch: a rank takes the batches whose first row lies in its share of rows.
 
 Resumable (with an on-disk store): every ``checkpoint_rows`` rows the running sums, the first
-rows of the finished batches and the run's key (seed, draws, batch size, world size, rank) are
+rows of the finished batches and the run's key (seed, draws, exact or sampled, batch size, world
+size, rank) are
 saved as one fp64 array of the store, ``fisher_sums.<writer>`` (2 sum_l k_l^2 x 4 bytes). A rerun with the same key continues from there (a finished
 pass is read back whole); any other key, or a checkpoint that fails its checksum, starts the pass
 over (sums from another split of the batches cannot be told apart per batch). The key cannot see
@@ -29,12 +34,48 @@ import torch
 from .curvature import add_outer_products, zero_sums
 from .store import GradientStore, StoreError
 
-__all__ = ["FisherLoss", "draw_generator", "sampled_sums"]
+__all__ = ["ExactClasses", "FisherLoss", "draw_generator", "draws", "sampled_sums"]
 
 # fisher_loss_fn(model, batch, generator) -> (B,) losses at targets drawn with generator.
 FisherLoss = Callable[[torch.nn.Module, object, torch.Generator], torch.Tensor]
 # features(first_row, batch, loss_fn) -> (B, width) compressed gradients of loss_fn(model, batch).
 Features = Callable[[int, object, Callable[[torch.nn.Module, object], torch.Tensor]], torch.Tensor]
+
+
+class ExactClasses:
+    """The exact Fisher of a classifier over its ``n_classes`` classes, instead of sampling.
+
+    log_probs_fn(model, batch) -> (B, n_classes) log-probabilities of the model's predictive
+    distribution (e.g. ``model(x).log_softmax(1)``). Draw c is class c with loss
+    -sqrt(C p_c) log p_c (the weight detached), so that the mean over the C draws of psi psi^T is
+    sum_c p_c g_c g_c^T, the expectation over the model's own labels.
+    """
+
+    def __init__(self, log_probs_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+                 n_classes: int):
+        if not callable(log_probs_fn):
+            raise TypeError("log_probs_fn must be callable as log_probs_fn(model, batch) -> (B, C)")
+        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+            raise ValueError(f"n_classes must be an int >= 2; got {n_classes!r}")
+        self.log_probs_fn, self.n_classes = log_probs_fn, n_classes
+
+    def class_loss(self, model: torch.nn.Module, batch, label: int) -> torch.Tensor:
+        """(B,) weighted losses of every example at class ``label``."""
+        log_probs = self.log_probs_fn(model, batch)
+        if log_probs.dim() != 2 or log_probs.shape[1] != self.n_classes:
+            raise ValueError(f"log_probs_fn must return (B, n_classes={self.n_classes}) "
+                             f"log-probabilities; got {tuple(log_probs.shape)}")
+        column = log_probs[:, label]
+        return -column * (self.n_classes * column.detach().exp()).sqrt()
+
+    def __call__(self, model, batch, generator):
+        raise TypeError("ExactClasses is not a sampling loss: pass it as fisher_loss_fn to "
+                        "grass.Attributor, which runs one capture pass per class")
+
+
+def draws(fisher_loss_fn, samples: int) -> int:
+    """Capture passes per batch: the classes for ExactClasses, else ``samples``."""
+    return fisher_loss_fn.n_classes if isinstance(fisher_loss_fn, ExactClasses) else samples
 
 
 def draw_generator(seed: int, draw: int, first_row: int, device: torch.device) -> torch.Generator:
@@ -47,7 +88,7 @@ def draw_generator(seed: int, draw: int, first_row: int, device: torch.device) -
 
 class _Checkpoint:
     """One rank's running sums, saved in the store as a single fp64 array:
-    [key (5 values), number of finished batches m, their first rows (m), the sums (sum k_l^2)]."""
+    [key, number of finished batches m, their first rows (m), the sums (sum k_l^2)]."""
 
     def __init__(self, store: GradientStore, layers: Mapping[str, int], key: tuple[int, ...]):
         self.store, self.layers, self.key = store, dict(layers), key
@@ -93,7 +134,8 @@ def sampled_sums(
     checkpoint_rows: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-layer sum over this rank's ``batches`` and ``samples`` draws of psi psi^T:
+    """Per-layer sum over this rank's ``batches`` and their draws (``draws(fisher_loss_fn,
+    samples)``) of psi psi^T:
     name -> (k_l, k_l) fp32 on ``device``, unnormalised (sums over ranks add up).
 
     batches: (first row, batch) pairs, this rank's only; those finished by an earlier run with
@@ -109,11 +151,14 @@ def sampled_sums(
         if first_row in done:
             continue
         rows = 0
-        for draw in range(samples):
-            generator = draw_generator(seed, draw, first_row, device)
-
-            def loss_at_drawn_targets(model, batch, generator=generator):
-                return fisher_loss_fn(model, batch, generator)
+        for draw in range(draws(fisher_loss_fn, samples)):
+            if isinstance(fisher_loss_fn, ExactClasses):
+                def loss_at_drawn_targets(model, batch, label=draw):
+                    return fisher_loss_fn.class_loss(model, batch, label)
+            else:
+                def loss_at_drawn_targets(model, batch, draw=draw):
+                    generator = draw_generator(seed, draw, first_row, device)
+                    return fisher_loss_fn(model, batch, generator)
 
             out = features(first_row, batch, loss_at_drawn_targets)
             add_outer_products(sums, out, store.offsets)
