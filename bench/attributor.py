@@ -18,6 +18,13 @@ The malloc thresholds of ENVIRONMENT.md are set for both sides (the process re-e
 is cached in bench/results/digits_lds.npz): the evidence behind grass's DEFAULT_DAMPING.
 
     .venv/bin/python -m bench.attributor --damping
+
+``--fisher`` compares, with 95% bootstrap intervals over 500 test examples (100 retrained half
+subsets, cached in bench/results/digits_fisher_lds.npz): hessian="efim" against "fisher", relative
+damping against absolute damping equal to the training weight decay, one checkpoint against
+grass.Ensemble of three; it writes bench/results/digits_fisher.md.
+
+    .venv/bin/python -m bench.attributor --fisher
 """
 
 from __future__ import annotations
@@ -89,6 +96,75 @@ def damping_sweep() -> None:
     print(format_table(rows, list(rows[0])))
 
 
+def fisher_study(n_test: int = 500, n_subsets: int = 100) -> None:
+    """LDS with bootstrap intervals on digits: efim against fisher, relative against absolute
+    damping (= the training weight decay), one checkpoint against an ensemble of three."""
+    import grass
+    from grass.data import load_digits, per_example_loss, sampled_label_loss
+    from grass.lds import lds_per_example, subset_targets
+
+    from bench.lds_table import lds_tables
+
+    task = load_digits(n_test=n_test)
+    models = task.ensemble(3, seed=10_000)
+
+    def evaluate(subsets, seeds):
+        return torch.stack([task.test_margins(m) for m in task.train_many(subsets, seeds)])
+
+    recipe = {"n_train": task.n_train, "n_test": n_test, "epochs": task.epochs, "lr": task.lr,
+              "weight_decay": task.weight_decay, "hidden": task.hidden}
+    subsets, targets = subset_targets(evaluate, task.n_train, n_subsets=n_subsets, batch=25,
+                                      cache="bench/results/digits_fisher_lds.npz", config=recipe)
+    train, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
+    wd = task.weight_decay
+
+    def scores(compressor, members: int, **options):
+        ensemble = grass.Ensemble([
+            grass.Attributor(m, per_example_loss, compressor, fisher_loss_fn=sampled_label_loss,
+                             batch_size=100, progress=False, **options) for m in models[:members]])
+        ensemble.cache(train)
+        return ensemble.attribute(test)
+
+    configs = {
+        "efim rel 0.5": {"hessian": "efim"},
+        "fisher rel 0.5 S=4": {"hessian": "fisher", "fisher_samples": 4},
+        "fisher rel 0.5 S=1": {"hessian": "fisher", "fisher_samples": 1},
+        "fisher rel 0.5 S=16": {"hessian": "fisher", "fisher_samples": 16},
+        f"efim abs {wd:g} (weight decay)": {"hessian": "efim", "absolute_damping": wd},
+        f"fisher abs {wd:g} (weight decay) S=4": {"hessian": "fisher", "absolute_damping": wd,
+                                                   "fisher_samples": 4},
+        f"fisher abs {wd:g} (weight decay) S=16": {"hessian": "fisher", "absolute_damping": wd,
+                                                    "fisher_samples": 16},
+        "efim rel 0.05": {"hessian": "efim", "damping": 0.05},
+        "fisher rel 0.05 S=4": {"hessian": "fisher", "damping": 0.05, "fisher_samples": 4},
+    }
+    per_example, pairs = {}, []
+    for compressor in (grass.Identity(), grass.FactGraSS(k=64), grass.LoGra(k=64)):
+        name = type(compressor).__name__ + (f"({compressor.k})" if hasattr(compressor, "k") else "")
+        for members in (1, 3):
+            for label, options in configs.items():
+                if members == 3 and label not in ("efim rel 0.5", "fisher rel 0.5 S=4"):
+                    continue
+                row = f"{name} {label}" + (" x3 ckpts" if members > 1 else "")
+                per_example[row] = lds_per_example(scores(compressor, members, **options),
+                                                   subsets, targets)
+                print(f"{row}: {float(per_example[row].nanmean()):.4f}", flush=True)
+        single = [f"{name} {label}" for label in configs]
+        pairs += [(single[1], single[0]), (single[3], single[2]), (single[4], single[0]),
+                  (single[5], single[1]), (f"{single[0]} x3 ckpts", single[0]),
+                  (f"{single[1]} x3 ckpts", single[1])]
+    rows, differences = lds_tables(per_example, pairs)
+    text = (f"digits MLP ({task.n_train} train / {n_test} test, weight decay {wd:g}), {n_subsets} "
+            "retrained half subsets, LDS on test margins with 95% bootstrap intervals over test "
+            "examples; checkpoint 0 alone or the mean over 3 (grass.Ensemble)\n\n"
+            + format_table(rows, list(rows[0])) + "\n\nPaired differences:\n\n"
+            + format_table(differences, list(differences[0])) + "\n")
+    print(text)
+    with open("bench/results/digits_fisher.md", "w") as f:
+        f.write("# Digits: efim vs fisher, relative vs absolute damping, ensembles "
+                "(python -m bench.attributor --fisher)\n\n" + text)
+
+
 def main() -> None:
     ensure_malloc_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -96,8 +172,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--damping", action="store_true", help="run the LDS damping sweep")
+    parser.add_argument("--fisher", action="store_true",
+                        help="LDS with intervals: efim vs fisher, damping kinds, ensembles")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.fisher:
+        torch.set_num_threads(1)
+        fisher_study()
+        return
     if args.damping:
         damping_sweep()
         return

@@ -84,6 +84,17 @@ def per_example_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return tok.view(ids.shape[0], -1).mean(1)
 
 
+def sampled_token_loss(model: torch.nn.Module, ids: torch.Tensor, generator: torch.Generator
+                       ) -> torch.Tensor:
+    """fisher_loss_fn: mean cross-entropy of each sequence at next bytes drawn from the model's
+    own predictions with ``generator`` (the observed next bytes are not used): ids (B, T) -> (B,)."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    probs = logits.detach().softmax(-1).reshape(-1, VOCAB)
+    drawn = torch.multinomial(probs, 1, generator=generator).view(ids.shape[0], -1)
+    tok = F.cross_entropy(logits.reshape(-1, VOCAB), drawn.reshape(-1), reduction="none")
+    return tok.view(ids.shape[0], -1).mean(1)
+
+
 def train(cfg: LMConfig, data: torch.Tensor, *, order_seed: int = 0) -> GPT2LMHeadModel:
     """Train a fresh model on ``data`` (n, T) for ``cfg.epochs`` epochs of shuffled mini-batches.
 

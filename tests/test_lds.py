@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 import grass
 from grass.data import load_digits, margins
-from grass.lds import random_subsets, spearman_columns, subset_targets
+from grass.lds import lds_per_example, random_subsets, spearman_columns, subset_targets
 
 
 def _brute_force_lds(scores, subsets, targets) -> float:
@@ -122,3 +122,38 @@ def test_harness_retrains_caches_and_resumes(tiny_task, tmp_path):
 def test_load_digits_bad_sizes():
     with pytest.raises(ValueError, match="n_train \\+ n_test <= 1797"):
         load_digits(1700, 200)
+
+
+def test_lds_per_example_is_spearman_per_test_example():
+    g = torch.Generator().manual_seed(4)
+    scores, targets = torch.randn(6, 20, generator=g), torch.randn(9, 6, generator=g)
+    subsets = random_subsets(20, 9, seed=1)
+    per = lds_per_example(scores, subsets, targets)
+    predicted = (subsets.double() @ scores.double().T).numpy()
+    expected = [spearmanr(predicted[:, j], targets[:, j].numpy()).statistic for j in range(6)]
+    np.testing.assert_allclose(per.numpy(), expected, rtol=1e-12)
+    assert grass.lds(scores, subsets, targets) == pytest.approx(float(per.mean()))
+
+
+def test_bootstrap_intervals_match_the_normal_theory_and_pair_differences():
+    from grass.lds import bootstrap_means
+
+    g = torch.Generator().manual_seed(5)
+    a = 0.3 + 0.1 * torch.randn(400, generator=g, dtype=torch.float64)
+    b = a + 0.02 + 0.01 * torch.randn(400, generator=g, dtype=torch.float64)
+    a_nan = a.clone()
+    a_nan[7] = float("nan")
+    stats = bootstrap_means({"a": a, "b": b, "b - a": b - a}, n_boot=4000)
+    mean, low, high = stats["a"]
+    assert mean == pytest.approx(float(a.mean()))
+    # Normal theory: half-width 1.96 * sd / sqrt(n).
+    assert (high - low) / 2 == pytest.approx(1.96 * float(a.std()) / 20, rel=0.15)
+    # The paired difference is far narrower than either mean's interval and excludes 0.
+    d_mean, d_low, d_high = stats["b - a"]
+    assert d_mean == pytest.approx(0.02, abs=0.003) and d_low > 0
+    assert (d_high - d_low) < (high - low) / 5
+    # An example that is NaN for one method is left out of every method.
+    kept = bootstrap_means({"a": a_nan, "b": b})
+    assert kept["b"][0] == pytest.approx(float(torch.cat([b[:7], b[8:]]).mean()))
+    with pytest.raises(ValueError, match="at least one method"):
+        bootstrap_means({})

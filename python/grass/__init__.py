@@ -20,6 +20,7 @@ from .compressors import (
     RandomMask,
     SelectiveMask,
 )
+from .ensemble import Ensemble
 from .lds import lds
 from .store import GradientStore
 
@@ -27,6 +28,7 @@ __all__ = [
     "SJLT",
     "Attributor",
     "Compressor",
+    "Ensemble",
     "FactGraSS",
     "FactSJLT",
     "Features",

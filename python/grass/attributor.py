@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .capture import Capture, LayerSpec, layer_shape, select_layers
 from .compressors import Compressor, FactGraSS
-from . import distributed
+from . import distributed, fisher
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
 from .scoring import Scorer
 from .store import GradientStore
@@ -40,6 +40,8 @@ from .store import GradientStore
 # 0.03 of each method's best at 0.5 for Identity, FactGraSS, LoGra and FactSJLT at k = 64 and 256,
 # while 1e-5 (DESIGN's first guess) loses up to 0.5 LDS for uncompressed gradients.
 DEFAULT_DAMPING = 0.5
+# Draws per example of hessian="fisher": see the README's "Choosing the Hessian and damping".
+DEFAULT_FISHER_SAMPLES = 16
 CONFIG_VERSION = 1
 
 
@@ -182,6 +184,23 @@ def _overlaps(ranges: list[tuple[int, int]], start: int, stop: int) -> list[tupl
     return [(max(a, start), min(b, stop)) for a, b in ranges if a < stop and start < b]
 
 
+def _dampings(damping, absolute_damping) -> tuple[float, float]:
+    """(relative, absolute) damping from the arguments: the default relative damping unless
+    an absolute one is given; both given and non-zero is refused as ambiguous."""
+    for name, value in (("damping", damping), ("absolute_damping", absolute_damping)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value >= 0 or value == float("inf")):
+            raise ValueError(f"{name} must be a float >= 0 (and finite); got {value!r}")
+    if absolute_damping is None:
+        return float(DEFAULT_DAMPING if damping is None else damping), 0.0
+    if damping:
+        raise ValueError(
+            f"damping={damping!r} (relative) and absolute_damping={absolute_damping!r} were both "
+            "given: pass one of them (or damping=0 with absolute_damping)"
+        )
+    return 0.0, float(absolute_damping)
+
+
 # -- the attributor ----------------------------------------------------------------------------
 class Attributor:
     """Training-data attribution with compressed per-example gradients.
@@ -190,8 +209,17 @@ class Attributor:
         ``layers`` selects by fnmatch name pattern or module type).
     loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
     compressor: a ``grass`` compressor config, k features per layer (default FactGraSS(4096)).
-    hessian: "efim" (block-diagonal empirical Fisher) or "identity" (plain inner products).
-    damping: relative damping lambda: F_l + lambda * tr(F_l) / k_l * I.
+    hessian: "efim" (block-diagonal empirical Fisher, gradients at the observed labels),
+        "fisher" (the same at targets sampled from the model: needs ``fisher_loss_fn``) or
+        "identity" (plain inner products).
+    damping: relative damping lambda: F_l + lambda * tr(F_l) / k_l * I (default 0.5).
+    absolute_damping: lambda_abs in F_l + lambda_abs * I instead, e.g. the training weight
+        decay (the L2 term's share of the Hessian); giving both, each non-zero, is refused.
+    fisher_loss_fn: for hessian="fisher", ``fisher_loss_fn(model, batch, generator) -> (B,)``
+        per-example losses at targets drawn from the model's predictive distribution with
+        ``generator`` (a torch.Generator on ``device``); or ``grass.fisher.ExactClasses`` for
+        the exact expectation over a classifier's classes (one capture pass per class).
+    fisher_samples: draws per example for hessian="fisher" (each costs one capture pass).
     store: None (in memory) or a directory for an on-disk GradientStore; a run that was
         interrupted resumes there, computing only the missing rows.
     batch_size: examples per capture step for data that is not a DataLoader.
@@ -211,7 +239,10 @@ class Attributor:
         *,
         layers: LayerSpec = None,
         hessian: str = "efim",
-        damping: float = DEFAULT_DAMPING,
+        damping: float | None = None,
+        absolute_damping: float | None = None,
+        fisher_loss_fn: fisher.FisherLoss | None = None,
+        fisher_samples: int = DEFAULT_FISHER_SAMPLES,
         store: str | os.PathLike | None = None,
         batch_size: int = 32,
         seed: int = 0,
@@ -232,8 +263,15 @@ class Attributor:
             )
         if hessian not in HESSIANS:
             raise ValueError(f"hessian must be one of {HESSIANS}; got {hessian!r}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-            raise ValueError(f"damping must be a float >= 0; got {damping!r}")
+        damping, absolute_damping = _dampings(damping, absolute_damping)
+        if hessian == "fisher" and not callable(fisher_loss_fn):
+            raise ValueError(
+                "hessian='fisher' needs fisher_loss_fn=f with f(model, batch, generator) -> (B,) "
+                "per-example losses at targets sampled from the model's predictions with "
+                f"generator; got fisher_loss_fn={fisher_loss_fn!r} (or use hessian='efim')"
+            )
+        if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
+            raise ValueError(f"fisher_samples must be a positive int; got {fisher_samples!r}")
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -241,7 +279,8 @@ class Attributor:
             first = next(model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
         self.model, self.loss_fn, self.compressor = model, loss_fn, compressor
-        self.hessian, self.damping = hessian, float(damping)
+        self.hessian, self.damping, self.absolute_damping = hessian, damping, absolute_damping
+        self.fisher_loss_fn, self.fisher_samples = fisher_loss_fn, fisher_samples
         self.store_path, self.store_dtype = store, store_dtype
         self.batch_size, self.chunk_size, self.seed = batch_size, chunk_size, seed
         self.device, self.progress = torch.device(device), progress
@@ -313,14 +352,39 @@ class Attributor:
         if missing:
             self._compute(source, missing, write, "grass cache")
         distributed.barrier()  # every rank's rows are on disk before anyone reads them
-        if self.hessian == "efim":
-            fishers = distributed.fisher(store, self.chunk_size, self.device)
-            precondition = Preconditioner.efim(fishers, store.offsets, self.damping)
+        if self.hessian != "identity":
+            fishers = (distributed.fisher(store, self.chunk_size, self.device)
+                       if self.hessian == "efim" else self._sampled_fisher(source, store))
+            precondition = Preconditioner.efim(fishers, store.offsets, self.damping,
+                                               self.absolute_damping)
         else:
             precondition = Preconditioner.identity(store.offsets)
         self.store = store
         self._scorer = distributed.scorer(store, precondition, self.chunk_size)
         return store
+
+    def _sampled_fisher(self, source: _Source, store: GradientStore) -> dict[str, torch.Tensor]:
+        """hessian="fisher": name -> (k_l, k_l) fp32 mean of psi psi^T over rows and draws, each
+        rank summing the batches that start in its row share (see grass.fisher)."""
+        first, last = distributed.own_rows(source.n)
+        rank, world = distributed.rank_world()
+        draws = fisher.draws(self.fisher_loss_fn, self.fisher_samples)
+        exact = isinstance(self.fisher_loss_fn, fisher.ExactClasses)
+        key = (self.seed, draws, int(exact), self.batch_size, world, rank)
+        bar = tqdm(total=(last - first) * draws, desc="grass fisher", unit="ex",
+                   disable=not self.progress)
+        with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
+            def features(start, batch, loss_fn):
+                batch = _to_device(batch, self.device)
+                return capture.features(batch, loss_fn, _token_mask(batch), first_row=start)
+
+            own = ((start, batch) for start, batch in source.batches([(first, last)])
+                   if first <= start < last)
+            sums = fisher.sampled_sums(
+                own, features, self.fisher_loss_fn, store=store, samples=self.fisher_samples,
+                seed=self.seed, key=key, device=self.device, checkpoint_rows=self.chunk_size,
+                on_batch=lambda rows: bar.update(rows * draws))
+        return distributed.mean_over_ranks(sums, source.n * draws)
 
     # -- scores --------------------------------------------------------------------------------
     def _test_values(self, test_data) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import compressors as C
 from .attributor import DEFAULT_DAMPING, Attributor
 from .data import DigitsTask, load_digits, per_example_loss
+from .ensemble import Ensemble
 from .lds import lds, subset_targets
 from .selective import train_masks
 
@@ -87,15 +88,14 @@ def make_compressor(method: str, k: int | None, task: DigitsTask, model, seed: i
 
 def ensemble_scores(task: DigitsTask, models, method: str, k: int | None, *, damping: float,
                     seed: int) -> torch.Tensor:
-    """Scores (n_test, n_train) summed over the checkpoints, as TRAK ensembles them."""
-    total = torch.zeros(task.y_test.shape[0], task.n_train)
-    for model in models:
-        compressor = make_compressor(method, k, task, model, seed)
-        attr = Attributor(model, per_example_loss, compressor, damping=damping, seed=seed,
-                          batch_size=256, progress=False)
-        attr.cache((task.x_train, task.y_train))
-        total += attr.attribute((task.x_test, task.y_test))
-    return total
+    """Scores (n_test, n_train) averaged over the checkpoints (grass.Ensemble, as TRAK)."""
+    ensemble = Ensemble([
+        Attributor(model, per_example_loss, make_compressor(method, k, task, model, seed),
+                   damping=damping, seed=seed, batch_size=256, progress=False)
+        for model in models
+    ])
+    ensemble.cache((task.x_train, task.y_train))
+    return ensemble.attribute((task.x_test, task.y_test))
 
 
 def prepare(setting: Setting, out: str):

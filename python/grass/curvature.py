@@ -1,8 +1,14 @@
-"""Curvature: the block-diagonal empirical Fisher and its damped inverse.
+"""Curvature: the block-diagonal Fisher (empirical or sampled) and its damped inverse.
 
-hessian="efim": per layer F_l = (1/n) sum_i phi_{i,l} phi_{i,l}^T, accumulated in fp32 while
-streaming over chunks of the store (the rows never have to fit in RAM together), damped
-relatively, F_l + lambda * tr(F_l) / k_l * I, and applied through its Cholesky factor.
+hessian="efim": per layer F_l = (1/n) sum_i phi_{i,l} phi_{i,l}^T over the stored features
+(gradients at the observed labels), accumulated in fp32 while streaming over chunks of the store
+(the rows never have to fit in RAM together).
+hessian="fisher": the same sum over gradients at targets sampled from the model's own predictive
+distribution (grass.fisher computes them); in expectation it is the Gauss-Newton matrix, which
+for cross-entropy is the Hessian's positive part.
+Either is damped, F_l + (lambda * tr(F_l) / k_l + lambda_abs) * I, and applied through its
+Cholesky factor: relative damping lambda scales with the layer's curvature, absolute damping
+lambda_abs is the L2 term of the training objective (its weight decay) in the Hessian.
 hessian="identity": no preconditioning (plain inner products, GradDot / TracIn style).
 """
 
@@ -14,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-HESSIANS = ("efim", "identity")
+HESSIANS = ("efim", "fisher", "identity")
 # A dense F_l is k_l x k_l: past this size (1 GB in fp32) efim is refused rather than run.
 MAX_EFIM_K = 16384
 # Cholesky condition estimate (max/min diagonal of the factor, squared) above which the damped
@@ -35,14 +41,26 @@ def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
             f"hessian='efim' needs a k_l x k_l matrix per layer, at most k_l = {MAX_EFIM_K}; "
             f"layers {too_big} are larger: compress them or use hessian='identity'"
         )
-    mats = {name: torch.zeros(k, k, device=device) for name, k in store.layers.items()}
+    mats = zero_sums(store.layers, device)
     first, last = rows
     for row in range(first, last, chunk_size):
-        chunk = store.read(row, min(row + chunk_size, last)).to(device)
-        for name, (start, stop) in store.offsets.items():
-            block = chunk[:, start:stop].float()
-            mats[name].addmm_(block.T, block)
+        add_outer_products(mats, store.read(row, min(row + chunk_size, last)).to(device),
+                           store.offsets)
     return mats
+
+
+def zero_sums(layers: Mapping[str, int], device: torch.device | str | None = None
+              ) -> dict[str, torch.Tensor]:
+    """name -> (k_l, k_l) fp32 zeros: the start of a per-layer sum of outer products."""
+    return {name: torch.zeros(k, k, device=device) for name, k in layers.items()}
+
+
+def add_outer_products(mats: Mapping[str, torch.Tensor], rows: torch.Tensor,
+                       offsets: Mapping[str, tuple[int, int]]) -> None:
+    """mats[l] += rows_l^T rows_l in place, rows (m, width) with layer l in columns offsets[l]."""
+    for name, (start, stop) in offsets.items():
+        block = rows[:, start:stop].float()
+        mats[name].addmm_(block.T, block)
 
 
 class Preconditioner:
@@ -70,8 +88,11 @@ class Preconditioner:
         fishers: Mapping[str, torch.Tensor],
         offsets: Mapping[str, tuple[int, int]],
         damping: float,
+        absolute_damping: float = 0.0,
     ) -> "Preconditioner":
-        factors = {name: damped_cholesky(f, damping, name) for name, f in fishers.items()}
+        """Factors of every layer's damped Fisher (either kind): see ``damped_cholesky``."""
+        factors = {name: damped_cholesky(f, damping, name, absolute_damping)
+                   for name, f in fishers.items()}
         return cls(offsets, factors)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
@@ -86,12 +107,13 @@ class Preconditioner:
         return out
 
 
-def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "") -> torch.Tensor:
-    """Cholesky factor (fp64) of fisher + damping * tr(fisher) / k * I.
+def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "",
+                    absolute_damping: float = 0.0) -> torch.Tensor:
+    """Cholesky factor (fp64) of fisher + (damping * tr(fisher) / k + absolute_damping) * I.
 
-    If the factorisation fails (an indefinite matrix from rounding at tiny damping), the
-    damping grows tenfold until it succeeds, with a warning; a warning also flags a factor
-    whose condition estimate exceeds ``ILL_CONDITIONED``.
+    fisher: (k, k) float. If the factorisation fails (an indefinite matrix from rounding at tiny
+    damping), the damping grows tenfold until it succeeds, with a warning; a warning also flags
+    a factor whose condition estimate exceeds ``ILL_CONDITIONED``.
     """
     k = fisher.shape[0]
     mat = fisher.to(torch.float64)
@@ -99,7 +121,7 @@ def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "") -> tor
     if not math.isfinite(scale) or scale <= 0:
         # All-zero gradients (an unused layer): any positive damping gives a well-posed solve.
         scale = 1.0
-    lam = damping * scale
+    lam = damping * scale + absolute_damping
     for _ in range(12):
         factor, info = torch.linalg.cholesky_ex(mat + lam * torch.eye(k, dtype=mat.dtype))
         if int(info) == 0:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DigitsTask", "load_digits", "make_mlp", "margins", "per_example_loss"]
+__all__ = ["DigitsTask", "load_digits", "make_mlp", "margins", "per_example_loss",
+           "sampled_label_loss"]
 
 
 def make_mlp(d_in: int = 64, hidden: int = 32, n_classes: int = 10, *, seed: int = 0) -> nn.Sequential:
@@ -26,6 +27,17 @@ def per_example_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor])
     """loss_fn for grass.Attributor: cross-entropy of each example, (B,)."""
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="none")
+
+
+def sampled_label_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                       generator: torch.Generator) -> torch.Tensor:
+    """fisher_loss_fn for grass.Attributor(hessian="fisher"): cross-entropy of each example at a
+    label drawn from the model's own softmax with ``generator``, (B,). The observed labels are
+    not used."""
+    x, _ = batch
+    logits = model(x)
+    drawn = torch.multinomial(logits.detach().softmax(1), 1, generator=generator).squeeze(1)
+    return F.cross_entropy(logits, drawn, reduction="none")
 
 
 @torch.no_grad()

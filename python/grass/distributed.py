@@ -10,8 +10,9 @@ here reduces to the single-process path.
 * Caching: the rows still *missing* are split into world_size contiguous, near-equal shards and
   each rank writes its own. A run killed mid-cache resumes with only the missing rows, re-sharded
   over whatever world size the resumed run has.
-* Curvature: each rank sums phi phi^T per layer over its contiguous share of all rows; the sums
-  are all-reduced (SUM) and divided by n, equal to a single-process Fisher to fp32 rounding.
+* Curvature: each rank sums phi phi^T per layer over its contiguous share of all rows (for the
+  sampled Fisher: over the batches that start in its share); the sums are all-reduced (SUM) and
+  divided by n (times the draws), equal to a single-process Fisher to fp32 rounding.
 * Scoring: each rank scores its contiguous share of train rows. ``top_k`` all-gathers the per-rank
   (n_test, k) values and global indices and keeps the best k: no score matrix is gathered.
   ``attribute`` and ``self_influence`` all-gather their columns: every rank receives the full
@@ -34,8 +35,8 @@ from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
 from .scoring import Scorer
 from .store import GradientStore, StoreError
 
-__all__ = ["ShardedScorer", "active", "barrier", "fisher", "open_store", "own_rows", "scorer",
-           "shard", "split"]
+__all__ = ["ShardedScorer", "active", "barrier", "fisher", "mean_over_ranks", "open_store",
+           "own_rows", "rank_world", "scorer", "shard", "split"]
 
 
 def active() -> bool:
@@ -43,7 +44,8 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
@@ -67,13 +69,13 @@ def split(ranges: list[tuple[int, int]], parts: int, index: int) -> list[tuple[i
 
 def shard(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """This rank's part of ``ranges`` (all of them without a process group)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     return split(ranges, world, rank)
 
 
 def own_rows(n_rows: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of rows [0, n_rows) (possibly empty)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     return n_rows * rank // world, n_rows * (rank + 1) // world
 
 
@@ -131,13 +133,20 @@ def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Per-layer empirical Fisher, name -> (k_l, k_l) fp32 on the CPU, each rank summing its
     row share on ``device`` (the rank's capture device), all-reduced over ranks."""
-    mats = fisher_sums(store, own_rows(store.n_rows), chunk_size, device)
-    for name, mat in mats.items():
+    return mean_over_ranks(fisher_sums(store, own_rows(store.n_rows), chunk_size, device),
+                           store.n_rows)
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Every rank's per-layer sums added up (all-reduce SUM) and divided by ``count``:
+    name -> fp32 on the CPU, the same on every rank."""
+    out = {}
+    for name, mat in sums.items():
         if active():
             mat = mat.to(_device())
             dist.all_reduce(mat, op=dist.ReduceOp.SUM)
-        mats[name] = mat.cpu() / store.n_rows
-    return mats
+        out[name] = mat.cpu() / count
+    return out
 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .store import write_atomic
 
-__all__ = ["lds", "random_subsets", "spearman_columns", "subset_targets"]
+__all__ = ["bootstrap_means", "lds", "lds_per_example", "random_subsets", "spearman_columns",
+           "subset_targets"]
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,15 @@ def lds(scores: torch.Tensor, subsets: torch.Tensor, targets: torch.Tensor) -> f
     correlation between predicted (scores summed over the subset) and actual targets; test
     examples whose targets or predictions do not vary are left out of the mean.
     """
-    for name, t, dims in (("scores", scores, 2), ("subsets", subsets, 2), ("targets", targets, 2)):
-        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+    return float(lds_per_example(scores, subsets, targets).nanmean())
+
+
+def lds_per_example(scores: torch.Tensor, subsets: torch.Tensor, targets: torch.Tensor
+                    ) -> torch.Tensor:
+    """The Spearman correlation of each test example, (n_test,) fp64, whose mean is `lds`
+    (same arguments); NaN where the targets or predictions of that example do not vary."""
+    for name, t in (("scores", scores), ("subsets", subsets), ("targets", targets)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if subsets.dtype != torch.bool:
@@ -68,7 +76,31 @@ def lds(scores: torch.Tensor, subsets: torch.Tensor, targets: torch.Tensor) -> f
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite")
     predicted = subsets.double() @ scores.double().T  # (n_subsets, n_test)
-    return float(spearman_columns(predicted, targets).nanmean())
+    return spearman_columns(predicted, targets)
+
+
+def bootstrap_means(per_example: Mapping[str, torch.Tensor], *, n_boot: int = 2000,
+                    level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Mean and percentile bootstrap interval over test examples of each method's per-example
+    values (e.g. `lds_per_example`): name -> (mean, low, high).
+
+    Every method is resampled with the same test indices, so an entry that the caller makes as
+    per_example[a] - per_example[b] gets the paired interval of that difference. Examples that
+    are NaN for any method are left out of all of them.
+    """
+    if not per_example:
+        raise ValueError("per_example must hold at least one method")
+    names = list(per_example)
+    values = torch.stack([per_example[n].double().reshape(-1) for n in names])  # (methods, n)
+    values = values[:, ~values.isnan().any(0)]
+    if values.shape[1] < 2:
+        raise ValueError("need at least 2 test examples with finite values for every method")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, values.shape[1], (n_boot, values.shape[1]), generator=gen)
+    means = values[:, idx].mean(-1)  # (methods, n_boot)
+    tail = (1 - level) / 2
+    low, high = means.quantile(tail, dim=1), means.quantile(1 - tail, dim=1)
+    return {n: (float(values[i].mean()), float(low[i]), float(high[i])) for i, n in enumerate(names)}
 
 
 def random_subsets(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
