@@ -3,12 +3,14 @@ store as it was before coalesced records (``--old-ref``, read with ``git show`` 
 directory and imported from there).
 
 Every write stores 4 rows of 64 fp32 columns, the next rows in order, into an on-disk store in a
-temp directory. After 0 (the first writes), 10^2, 10^4 and 10^5 earlier writes, both stores
-take ``--rounds`` more writes in interleaved rounds (one write per side per round, medians), so
-a burst of load on the shared machine hits both alike. The old store stops at ``--old-max``
-writes (its writes grow linearly in cost, the fill quadratically). Also printed: the size of the
-writer's progress record, and the two ways to flush the rows of one write that the store could
-use (an msync of the rows' pages against pwrite + fdatasync), timed the same way.
+temp directory. After 0, 10^2, 10^4 and 10^5 earlier writes, the store takes ``--rounds`` more
+writes in interleaved rounds with a fresh store of its kind (one write per side per round,
+medians), so a burst of load on the shared machine hits both alike: their ratio is the growth
+of the cost of a write. Then the old store, filled to as many writes, runs in interleaved rounds
+with its own fresh store and with the new one, up to ``--old-max`` earlier writes (its writes
+grow linearly in cost, its fill quadratically). Also printed: the size of the writer's progress
+record, and the two ways to flush the rows of one write (an msync of the rows' pages against
+pwrite + fdatasync of the file), timed the same way.
 
     python -m bench.store_writes [--quick] [--old-ref REV] [--out FILE.md]
 """
@@ -110,34 +112,38 @@ def main() -> None:
 
     checkpoints = [0, 10, 100] if args.quick else [0, 100, 10_000, 100_000]
     total = checkpoints[-1] + 2 * args.rounds + 2
+    old_total = min(total, args.old_max + 2 * args.rounds + 2)
     with tempfile.TemporaryDirectory(prefix="store_writes") as tmp:
         old = old_store_module(args.old_ref, tmp)
         new = Filler(GradientStore, os.path.join(tmp, "new"), total)
-        base = Filler(old.GradientStore, os.path.join(tmp, "old"), min(total, args.old_max + 2 * args.rounds + 2))
-        rows, first = [], None
+        base = Filler(old.GradientStore, os.path.join(tmp, "old"), old_total)
+        rows = []
         for c in checkpoints:
             new.fill_to(c, "new")
             earlier = new.done
-            sides = {"new": new}
-            if c <= args.old_max:
-                base.fill_to(c, "old")
-                sides["old"] = base
-            ms = interleaved_ms(sides, args.rounds, round_s=0)
-            first = first or ms
+            # Growth: against a fresh store of the same kind, in interleaved rounds.
+            fresh = Filler(GradientStore, os.path.join(tmp, f"new-fresh-{c}"), args.rounds + 2)
+            ms = interleaved_ms({"new": new, "fresh": fresh}, args.rounds, round_s=0)
             row = {"earlier writes": f"{earlier:,}", "new ms/write": f"{ms['new']:.2f}",
-                   "new / its first writes": f"{ms['new'] / first['new']:.2f}",
+                   "new / fresh store": f"{ms['new'] / ms['fresh']:.2f}",
                    "new record bytes": os.path.getsize(new.record)}
-            if "old" in ms:
+            if c <= args.old_max:
+                base.fill_to(earlier, "old")
+                fresh_old = Filler(old.GradientStore, os.path.join(tmp, f"old-fresh-{c}"),
+                                   args.rounds + 2)
+                # Old against new: a slow side's syncs also slow the other side's (one journal).
+                ms = interleaved_ms({"old": base, "fresh": fresh_old, "new": new}, args.rounds,
+                                    round_s=0)
                 row.update({"old ms/write": f"{ms['old']:.2f}",
-                            "old / its first writes": f"{ms['old'] / first['old']:.2f}",
-                            "old / new": f"{ms['old'] / ms['new']:.2f}",
+                            "old / fresh store": f"{ms['old'] / ms['fresh']:.2f}",
+                            "old / new (interleaved)": f"{ms['old'] / ms['new']:.2f}",
                             "old record bytes": os.path.getsize(base.record)})
             rows.append(row)
             print(format_table([row], list(row)), flush=True)
         flush = flush_table(tmp, args.rounds)
-    columns = ["earlier writes", "new ms/write", "new / its first writes", "old ms/write",
-               "old / its first writes", "old / new", "new record bytes", "old record bytes"]
-    text = (f"4-row fp32 writes, {WIDTH} columns, {args.rounds} interleaved rounds per checkpoint, "
+    columns = ["earlier writes", "new ms/write", "new / fresh store", "old ms/write",
+               "old / fresh store", "old / new (interleaved)", "new record bytes", "old record bytes"]
+    text = (f"4-row fp32 writes, {WIDTH} columns, {args.rounds} interleaved rounds per comparison, "
             f"baseline {args.old_ref[:12]}\n\n" + format_table(rows, columns)
             + "\n\n" + format_table(flush, list(flush[0])))
     print("\n" + text)

@@ -7,10 +7,10 @@ offsets[l] = (start, stop). On disk a store is a directory:
                          block_rows (rows per checksum block), version
     rows.bin             the raw row-major matrix (fp32 / bf16 / fp16; bf16 through uint16),
                          read and written through a memory map
-    progress/<writer>.json, progress/<writer>.crc, progress/claimed.bin
-                         each writer's finished rows as coalesced ranges, its per-block crc32
-                         table, and a shared byte-per-row hint of recorded rows (see
-                         grass.store_progress for the format and why it is shaped so)
+    progress/<writer>.json   each writer's finished rows as coalesced ranges
+    checksums/<writer>.crc   each writer's crc32 per block of rows
+    claimed.bin          a shared byte per row, set once the row is recorded (a hint for writers)
+                         (grass.store_progress gives the formats and why they are shaped so)
     arrays/<name>.bin + arrays/<name>.json   extra tensors (selective masks, FIMs), no pickle
 
 Why this layout: a killed run leaves at worst rows that are on disk but not recorded; a resumed
@@ -120,7 +120,7 @@ class GradientStore:
                 # A shared map of our own, so that a write can msync just its rows' pages.
                 self._map = mmap.mmap(f.fileno(), n_rows * self._row_nbytes)
             self._raw = np.frombuffer(self._map, dtype=np_dtype).reshape(n_rows, self.width)
-            self._claims = Claims(self._file("progress", "claimed.bin"))
+            self._claims = Claims(self._file("claimed.bin"))
             own = self._file("progress", f"{writer}.json")
             self._own = read_record(own, n_rows) if os.path.exists(own) else Intervals()
             self._refresh()
@@ -219,10 +219,10 @@ class GradientStore:
         if os.path.isdir(path) and os.listdir(path):
             raise StoreError(f"{path} exists, is not empty and holds no manifest.json: "
                              "refusing to turn it into a gradient store")
-        os.makedirs(os.path.join(path, "progress"), exist_ok=True)
-        os.makedirs(os.path.join(path, "arrays"), exist_ok=True)
+        for directory in ("progress", "checksums", "arrays"):
+            os.makedirs(os.path.join(path, directory), exist_ok=True)
         for name, size in (("rows.bin", manifest["n_rows"] * manifest["width"] * itemsize),
-                           (os.path.join("progress", "claimed.bin"), manifest["n_rows"])):
+                           ("claimed.bin", manifest["n_rows"])):
             create_sparse(os.path.join(path, name), size)
         # The manifest comes last: its presence means the store is complete and sized.
         write_atomic(os.path.join(path, "manifest.json"),
@@ -360,7 +360,7 @@ class GradientStore:
             if not ranges.clipped(first * self.block_rows, (last + 1) * self.block_rows):
                 continue
             if writer not in self._tables:
-                self._tables[writer] = ChecksumTable(self._file("progress", f"{writer}.crc"),
+                self._tables[writer] = ChecksumTable(self._file("checksums", f"{writer}.crc"),
                                                      -(-self.n_rows // self.block_rows),
                                                      writable=False)
             entries = self._tables[writer].entries(first, last + 1)
@@ -378,7 +378,7 @@ class GradientStore:
             # The record was read before the writer moved on twice in this block: read it again.
             fresh = read_record(self._file("progress", f"{writer}.json"), self.n_rows).clipped(lo, hi)
             if fresh == spans:
-                raise StoreError(f"{self.path}/progress/{writer}.crc does not match {writer}.json "
+                raise StoreError(f"{self.path}/checksums/{writer}.crc does not match {writer}.json "
                                  f"at rows [{lo}, {hi}): the progress of {writer!r} is corrupted")
             spans, entry = fresh, self._tables[writer].entries(block, block + 1)[0]
 

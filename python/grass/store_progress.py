@@ -1,16 +1,16 @@
 """The progress of the writers of an on-disk GradientStore: which rows each has finished, and
 the checksums that let a reader trust them.
 
-For every writer the store's ``progress/`` directory holds
+For every writer the store holds
 
-    <writer>.json   {"version": 2, "ranges": [[start, stop], ...]}: the writer's recorded rows
-                    as sorted, disjoint ranges, touching ranges merged, so its size is
-                    O(number of gaps), not O(number of writes). Replaced atomically.
-    <writer>.crc    the checksum table, 16 bytes per block of ``block_rows`` rows (block b holds
-                    rows [b * block_rows, (b + 1) * block_rows)): two slots (count, crc32) of
-                    little-endian uint32, where crc32 runs over the bytes of this writer's
-                    recorded rows of the block in row order and count is how many rows those are.
-                    Written in place; a sparse file, so untouched blocks cost no disk.
+    progress/<writer>.json   {"version": 2, "ranges": [[start, stop], ...]}: the writer's
+                    recorded rows as sorted, disjoint ranges, touching ranges merged, so its size
+                    is O(number of gaps), not O(number of writes). Replaced atomically.
+    checksums/<writer>.crc   the checksum table, 16 bytes per block of ``block_rows`` rows
+                    (block b holds rows [b * block_rows, (b + 1) * block_rows)): two slots
+                    (count, crc32) of little-endian uint32, where crc32 runs over the bytes of
+                    this writer's recorded rows of the block in row order and count is how many
+                    rows those are. Written in place; a sparse file, so untouched blocks cost no disk.
 
 and the store keeps one shared ``claimed.bin``: one byte per row, set to 1 once some writer has
 recorded the row. It is a hint for writers (a write checks its rows there at O(rows written)
@@ -182,7 +182,7 @@ def read_records(directory: str, n_rows: int) -> dict[str, Intervals]:
 
 
 class ChecksumTable:
-    """A writer's ``<writer>.crc``: per block two (count, crc32) slots; see the module docstring."""
+    """A writer's ``checksums/<writer>.crc``: per block two (count, crc32) slots; see the module docstring."""
 
     def __init__(self, path: str, n_blocks: int, *, writable: bool) -> None:
         self.path = path
@@ -259,7 +259,7 @@ class WriterProgress:
 
     def table(self) -> ChecksumTable:
         if self._table is None:
-            path = os.path.join(self.directory, f"{self.writer}.crc")
+            path = os.path.join(self.store_path, "checksums", f"{self.writer}.crc")
             if not os.path.exists(path):
                 create_sparse(path, self.n_blocks * ENTRY_BYTES)
             self._table = ChecksumTable(path, self.n_blocks, writable=True)
@@ -304,7 +304,7 @@ class WriterProgress:
 
 
 class Claims:
-    """``progress/claimed.bin``: one byte per row, 1 once a writer has recorded the row.
+    """``claimed.bin``: one byte per row, 1 once a writer has recorded the row.
 
     A hint that costs O(rows) per write, shared by all writers; never synced, since the records
     stay the truth (a write that finds a claimed row re-reads the records to name the writer).
