@@ -33,7 +33,6 @@ CHILD = textwrap.dedent(
     nth, delay = int(nth), float(delay)
     # point -> (object, attribute, kill before the call (else after it))
     POINTS = dict(
-        before_flush=(GradientStore, "_flush_rows", True),        # rows copied, not flushed
         rows_flushed=(GradientStore, "_flush_rows", False),       # rows on disk, no checksum
         checksums_written=(progress.ChecksumTable, "put", False), # checksums, no record
         record_unrenamed=(os, "replace", True),                   # new record not yet renamed
@@ -256,7 +255,6 @@ def whole_run(tmp_path_factory):
 
 
 KILLS = [  # (point, order, dtype)
-    ("before_flush", "forward", "float32"),
     ("rows_flushed", "forward", "bfloat16"),
     ("checksums_written", "forward", "float32"),
     ("checksums_written", "backward", "bfloat16"),

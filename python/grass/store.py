@@ -109,7 +109,7 @@ class GradientStore:
         self._others: dict[str, Intervals] = {}
         self._others_union = Intervals()
         self._verified: set[tuple[str, int, int]] = set()  # (writer, block, count) checked here
-        self._tables: dict[str, ChecksumTable] = {}  # other writers' checksum tables, for reading
+        self._tables: dict[str, ChecksumTable] = {}  # every writer's table, read-only, for reads
         self._arrays: dict[str, torch.Tensor] = {}  # in-memory stores only
         np_dtype = _DTYPES[dtype][1]
         self._row_nbytes = self.width * np_dtype.itemsize
