@@ -39,8 +39,12 @@ BATCH, WIDTH = 4, 64
 def old_store_module(ref: str, directory: str):
     """The grass.store of commit `ref`, imported from a copy in `directory`."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "-C", root, "show", f"{ref}:python/grass/store.py"],
-                            check=True, capture_output=True, text=True).stdout
+    shown = subprocess.run(["git", "-C", root, "show", f"{ref}:python/grass/store.py"],
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"the baseline store needs a git checkout with commit {ref} "
+                         f"(pass another with --old-ref): {shown.stderr.strip()}")
+    source = shown.stdout
     path = os.path.join(directory, "old_store.py")
     with open(path, "w") as f:
         f.write(source)
