@@ -3,23 +3,29 @@
 One row per training example, n_rows × width with width = Σ_l k_l; layer l owns the columns
 offsets[l] = (start, stop). On disk a store is a directory:
 
-    manifest.json        config (compressor, seeds, ...), layers, n_rows, width, dtype, version
+    manifest.json        config (compressor, seeds, ...), layers, n_rows, width, dtype,
+                         block_rows (rows per checksum block), version
     rows.bin             the raw row-major matrix (fp32 / bf16 / fp16; bf16 through uint16),
                          read and written through a memory map
-    progress/<writer>.json   the row ranges each writer has finished, each with a CRC32 of its
-                         bytes; replaced atomically only after the rows are flushed to disk
+    progress/<writer>.json   each writer's finished rows as coalesced ranges
+    checksums/<writer>.crc   each writer's crc32 per block of rows
+    claimed.bin          a shared byte per row, set once the row is recorded (a hint for writers)
+                         (grass.store_progress gives the formats and why they are shaped so)
     arrays/<name>.bin + arrays/<name>.json   extra tensors (selective masks, FIMs), no pickle
 
 Why this layout: a killed run leaves at worst rows that are on disk but not recorded; a resumed
 run recomputes exactly `missing()` and, the computation being deterministic, ends bit-identical
-to an uninterrupted one. Progress lives in one file per writer so that several processes can
-fill disjoint row ranges of one store without a lock. A file of the wrong size or a range whose
-checksum does not match raises StoreError instead of yielding wrong scores.
+to an uninterrupted one. Progress lives in files per writer so that several processes can
+fill disjoint row ranges of one store without a lock. A write costs the same however many rows
+and writers came before it: it flushes only its own rows, extends a running checksum and
+rewrites a record whose size grows with the number of gaps, not of writes. A file of the wrong
+size or a block whose checksum does not match raises StoreError instead of yielding wrong scores.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import zlib
@@ -29,9 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .store_progress import (FORMAT, ChecksumTable, Claims, Intervals, StoreError, WriterProgress,
+                             create_sparse, read_json, read_record, read_records, verify_block,
+                             write_atomic)
+
 __all__ = ["GradientStore", "StoreError", "write_atomic"]
 
-VERSION = 1
+VERSION = FORMAT
+# Rows per checksum block of a new store: about this many bytes, at least one row.
+BLOCK_BYTES = 1 << 18
 _DTYPES: dict[torch.dtype, tuple[str, np.dtype]] = {
     # torch dtype -> (manifest name, numpy dtype of the raw file)
     torch.float32: ("float32", np.dtype(np.float32)),
@@ -40,33 +52,6 @@ _DTYPES: dict[torch.dtype, tuple[str, np.dtype]] = {
 }
 _BY_NAME = {name: dt for dt, (name, _) in _DTYPES.items()}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class StoreError(ValueError):
-    """A store on disk is truncated, corrupted, or does not match the requested configuration."""
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` by `data` so that readers see the old or the new file, never a mix."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dirfd)  # make the rename itself durable
-    finally:
-        os.close(dirfd)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path} is corrupted (not valid JSON: {e})") from None
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,16 +73,6 @@ def _json_roundtrip(config: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"config must be JSON-serialisable (str/int/float/bool/list/dict): {e}") from None
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, stop in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
-        else:
-            merged.append((start, stop))
-    return merged
-
-
 class GradientStore:
     """n_rows × Σk_l compressed gradients with per-layer column ranges; see the module docstring.
 
@@ -113,6 +88,7 @@ class GradientStore:
         layers: dict[str, int],
         dtype: torch.dtype,
         writer: str,
+        block_rows: int,
     ) -> None:
         self.path = path
         self.config = config
@@ -120,22 +96,35 @@ class GradientStore:
         self.layers = dict(layers)
         self.dtype = dtype
         self.writer = writer
+        self.block_rows = block_rows
         self.offsets: dict[str, tuple[int, int]] = {}
         col = 0
         for name, k in self.layers.items():
             self.offsets[name] = (col, col + k)
             col += k
         self.width = col
-        # Finished row ranges, each (start, stop, crc32); this process's own and, on disk, others'.
-        self._own: list[tuple[int, int, int]] = []
-        self._verified: set[tuple[int, int, int]] = set()
+        # This writer's recorded rows, and a snapshot of every other writer's (taken at open,
+        # refreshed by missing() and read(), or when a write meets a row claimed since then).
+        self._own = Intervals()
+        self._others: dict[str, Intervals] = {}
+        self._others_union = Intervals()
+        self._verified: set[tuple[str, int, int]] = set()  # (writer, block, count) checked here
+        self._tables: dict[str, ChecksumTable] = {}  # every writer's table, read-only, for reads
         self._arrays: dict[str, torch.Tensor] = {}  # in-memory stores only
         np_dtype = _DTYPES[dtype][1]
+        self._row_nbytes = self.width * np_dtype.itemsize
         if path is None:
             self._raw = np.zeros((n_rows, self.width), dtype=np_dtype)
         else:
-            self._raw = np.memmap(self._file("rows.bin"), dtype=np_dtype, mode="r+",
-                                  shape=(n_rows, self.width))
+            with open(self._file("rows.bin"), "r+b") as f:
+                # A shared map of our own, so that a write can msync just its rows' pages.
+                self._map = mmap.mmap(f.fileno(), n_rows * self._row_nbytes)
+            self._raw = np.frombuffer(self._map, dtype=np_dtype).reshape(n_rows, self.width)
+            self._claims = Claims(self._file("claimed.bin"))
+            own = self._file("progress", f"{writer}.json")
+            self._own = read_record(own, n_rows) if os.path.exists(own) else Intervals()
+            self._refresh()
+            self._progress = WriterProgress(path, writer, n_rows, block_rows, self._own)
         # A torch view sharing memory with the raw array (bf16 reinterprets the uint16 bits).
         self._rows = torch.from_numpy(self._raw)
         if dtype == torch.bfloat16:
@@ -152,6 +141,7 @@ class GradientStore:
         layers: dict[str, int],
         dtype: torch.dtype = torch.float32,
         writer: str = "main",
+        block_rows: int | None = None,
     ) -> GradientStore:
         """Create a store, or reopen the one at `path` if its manifest matches.
 
@@ -161,8 +151,11 @@ class GradientStore:
             (a ValueError) naming the differing keys.
         n_rows: number of examples; layers: name -> k_l, in column order.
         dtype: storage dtype, float32 / bfloat16 / float16.
-        writer: names this process's progress file; processes filling disjoint rows of one
+        writer: names this process's progress files; processes filling disjoint rows of one
             store concurrently must use distinct writers.
+        block_rows: rows per checksum block, the unit in which corruption is detected and
+            reads are checked. None: the existing store's value, or rows of about 256 KiB for
+            a new store.
         """
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
@@ -177,25 +170,35 @@ class GradientStore:
             raise TypeError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
         if not _NAME_RE.match(writer):
             raise ValueError(f"writer must match {_NAME_RE.pattern}, got {writer!r}")
+        if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
+                                       or block_rows <= 0):
+            raise ValueError(f"block_rows must be None or a positive int, got {block_rows!r}")
         config = _json_roundtrip(config)
+        width = sum(layers.values())
+        default_block = max(1, BLOCK_BYTES // (width * _DTYPES[dtype][1].itemsize))
         if path is None:
-            return cls(None, config, n_rows, dict(layers), dtype, writer)
+            return cls(None, config, n_rows, dict(layers), dtype, writer, block_rows or default_block)
         path = os.fspath(path)
+        found = None
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            found = read_json(os.path.join(path, "manifest.json"))
+            cls._check_version(path, found)
+        if block_rows is None:
+            block_rows = found.get("block_rows") if found is not None else default_block
         manifest = {
             "version": VERSION,
             "config": config,
             "n_rows": n_rows,
             "layers": [[name, k] for name, k in layers.items()],
-            "width": sum(layers.values()),
+            "width": width,
             "dtype": _DTYPES[dtype][0],
+            "block_rows": block_rows,
         }
-        if os.path.exists(os.path.join(path, "manifest.json")):
-            cls._check_matches(path, manifest)
+        if found is not None:
+            cls._check_matches(path, found, manifest)
         else:
             cls._create(path, manifest, _DTYPES[dtype][1].itemsize)
-        store = cls(path, config, n_rows, dict(layers), dtype, writer)
-        store._own = [tuple(r) for r in store._progress().get(writer, [])]
-        return store
+        return cls(path, config, n_rows, dict(layers), dtype, writer, block_rows)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, writer: str = "main") -> GradientStore:
@@ -203,7 +206,8 @@ class GradientStore:
         manifest_path = os.path.join(os.fspath(path), "manifest.json")
         if not os.path.exists(manifest_path):
             raise StoreError(f"{path} is not a gradient store: it has no manifest.json")
-        m = _read_json(manifest_path)
+        m = read_json(manifest_path)
+        cls._check_version(os.fspath(path), m)
         try:
             return cls.open(path, config=m["config"], n_rows=m["n_rows"], layers=dict(m["layers"]),
                             dtype=_BY_NAME[m["dtype"]], writer=writer)
@@ -215,22 +219,25 @@ class GradientStore:
         if os.path.isdir(path) and os.listdir(path):
             raise StoreError(f"{path} exists, is not empty and holds no manifest.json: "
                              "refusing to turn it into a gradient store")
-        os.makedirs(os.path.join(path, "progress"), exist_ok=True)
-        os.makedirs(os.path.join(path, "arrays"), exist_ok=True)
-        with open(os.path.join(path, "rows.bin"), "wb") as f:
-            f.truncate(manifest["n_rows"] * manifest["width"] * itemsize)  # sparse until written
-            os.fsync(f.fileno())
+        for directory in ("progress", "checksums", "arrays"):
+            os.makedirs(os.path.join(path, directory), exist_ok=True)
+        for name, size in (("rows.bin", manifest["n_rows"] * manifest["width"] * itemsize),
+                           ("claimed.bin", manifest["n_rows"])):
+            create_sparse(os.path.join(path, name), size)
         # The manifest comes last: its presence means the store is complete and sized.
         write_atomic(os.path.join(path, "manifest.json"),
-                      json.dumps(manifest, indent=1, sort_keys=True).encode())
+                     json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     @staticmethod
-    def _check_matches(path: str, wanted: dict[str, Any]) -> None:
-        found = _read_json(os.path.join(path, "manifest.json"))
-        if not isinstance(found, dict) or found.get("version") != VERSION:
-            raise StoreError(f"{path}/manifest.json has version "
-                             f"{found.get('version') if isinstance(found, dict) else None!r}, "
-                             f"expected {VERSION}")
+    def _check_version(path: str, found: Any) -> None:
+        version = found.get("version") if isinstance(found, dict) else None
+        if version != VERSION:
+            raise StoreError(f"{path}/manifest.json has store format version {version!r}; this "
+                             f"grass reads version {VERSION} (coalesced progress records with "
+                             "per-block checksums): delete the store and recompute its rows")
+
+    @staticmethod
+    def _check_matches(path: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:
         a = _flatten({k: v for k, v in found.items() if k != "config"})
         b = _flatten({k: v for k, v in wanted.items() if k != "config"})
         a.update(_flatten(found.get("config", {}), "config."))
@@ -241,6 +248,10 @@ class GradientStore:
                                 f"requested {b.get(k, '<absent>')!r}" for k in differ)
             raise StoreError(f"the store at {path} was made with a different configuration "
                              f"({details}); use a new path or delete it")
+        block_rows = found.get("block_rows")
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows <= 0:
+            raise StoreError(f"{path}/manifest.json is corrupted (block_rows {block_rows!r} "
+                             "is not a positive int)")
         expected = wanted["n_rows"] * wanted["width"] * _DTYPES[_BY_NAME[wanted["dtype"]]][1].itemsize
         size = os.path.getsize(os.path.join(path, "rows.bin"))
         if size != expected:
@@ -253,47 +264,59 @@ class GradientStore:
         return os.path.join(self.path, *parts)
 
     # ----------------------------------------------------------------------------- progress
-    def _progress(self) -> dict[str, list[list[int]]]:
-        """writer -> finished [start, stop, crc] ranges, read fresh from disk."""
-        if self.path is None:
-            return {self.writer: [list(r) for r in self._own]}
-        out = {}
-        for fname in sorted(os.listdir(self._file("progress"))):
-            if fname.endswith(".json"):
-                out[fname[: -len(".json")]] = _read_json(self._file("progress", fname))
-        return out
-
-    def _records(self) -> list[tuple[int, int, int]]:
-        records = [tuple(r) for ranges in self._progress().values() for r in ranges]
-        if any(len(r) != 3 or not 0 <= r[0] < r[1] <= self.n_rows for r in records):
-            raise StoreError(f"the progress record of {self.path} is corrupted")
-        return records  # type: ignore[return-value]
+    def _refresh(self) -> dict[str, Intervals]:
+        """writer -> recorded rows for every writer, the others' read fresh from disk (and kept
+        as the snapshot writes check against). Two writers that recorded one row raise."""
+        records = read_records(self._file("progress"), self.n_rows) if self.path else {}
+        records[self.writer] = self._own
+        reach, reacher = 0, ""  # the furthest stop so far and the writer who recorded it
+        for start, stop, writer in sorted((a, b, w) for w, r in records.items() for a, b in r.pairs()):
+            if start < reach:
+                raise StoreError(f"writers {reacher!r} and {writer!r} both recorded rows "
+                                 f"[{start}, {min(stop, reach)}) of {self.path}: processes filling "
+                                 "one store must write disjoint rows; delete the store and recompute")
+            if stop > reach:
+                reach, reacher = stop, writer
+        self._others = {w: r for w, r in records.items() if w != self.writer}
+        self._others_union = Intervals(p for w, r in self._others.items() for p in r.pairs())
+        return records
 
     def missing(self) -> list[tuple[int, int]]:
         """Row ranges [start, stop) not yet written (by any writer), in order."""
-        written = _merge([(r[0], r[1]) for r in self._records()])
-        gaps, pos = [], 0
-        for start, stop in written:
-            if start > pos:
-                gaps.append((pos, start))
-            pos = max(pos, stop)
-        if pos < self.n_rows:
-            gaps.append((pos, self.n_rows))
-        return gaps
+        records = self._refresh()
+        return Intervals(p for r in records.values() for p in r.pairs()).gaps(self.n_rows)
 
     @property
     def complete(self) -> bool:
         return not self.missing()
 
-    def _crc(self, start: int, stop: int) -> int:
-        return zlib.crc32(memoryview(self._raw[start:stop]).cast("B"))
+    def _row_bytes(self, start: int, stop: int) -> memoryview:
+        return memoryview(self._raw[start:stop]).cast("B")
 
     # ----------------------------------------------------------------------------- writing
+    def _check_free(self, start: int, stop: int) -> None:
+        """Refuse [start, stop) if this writer, or another one as last seen, recorded any of it."""
+        if self.path is not None and not self._others_union.clipped(start, stop) \
+                and self._claims.any(start, stop):
+            self._refresh()  # another writer recorded some of these rows since the snapshot
+        for writer, ranges in [(self.writer, self._own), *self._others.items()]:
+            hit = ranges.clipped(start, stop)
+            if hit:
+                raise ValueError(f"rows [{start}, {stop}) overlap rows [{hit[0][0]}, {hit[-1][1]}) "
+                                 f"already written by writer {writer!r}")
+
+    def _flush_rows(self, start: int, stop: int) -> None:
+        """msync the pages that hold rows [start, stop), and no others."""
+        offset = start * self._row_nbytes
+        aligned = offset - offset % mmap.PAGESIZE
+        self._map.flush(aligned, stop * self._row_nbytes - aligned)
+
     def write(self, start: int, rows: torch.Tensor) -> None:
         """Store rows (m, width) at [start, start + m) and record them durably.
 
         rows: any float dtype, converted to the store dtype. A range that overlaps rows already
-        recorded is refused (a resumed run writes only `missing()` ranges).
+        recorded is refused (a resumed run writes only `missing()` ranges). Costs O(m · width)
+        plus a record of O(number of gaps) bytes, whatever was written before.
         """
         if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
             raise TypeError(f"rows must be a floating-point tensor, got "
@@ -306,17 +329,14 @@ class GradientStore:
         if not torch.isfinite(rows).all():
             bad = int((~torch.isfinite(rows)).any(dim=1).nonzero()[0, 0]) + start
             raise ValueError(f"rows must be finite; row {bad} is not")
-        for a, b, _ in self._records():
-            if a < stop and start < b:
-                raise ValueError(f"rows [{start}, {stop}) overlap rows [{a}, {b}) already written")
+        self._check_free(start, stop)
         self._rows[start:stop] = rows.detach().to("cpu", self.dtype)
-        if self.path is not None:
-            self._raw.flush()  # msync: the data is on disk before the record says so
-        self._own.append((start, stop, self._crc(start, stop)))
-        self._verified.add(self._own[-1])
-        if self.path is not None:
-            write_atomic(self._file("progress", f"{self.writer}.json"),
-                          json.dumps([list(r) for r in self._own]).encode())
+        if self.path is None:
+            self._own.add(start, stop)
+            return
+        self._flush_rows(start, stop)  # the rows are on disk before their checksum and record
+        self._progress.record(start, stop, self._row_bytes, self._verified)
+        self._claims.mark(start, stop)
 
     # ----------------------------------------------------------------------------- reading
     def _columns(self, layer: str | None) -> slice:
@@ -327,19 +347,40 @@ class GradientStore:
         return slice(*self.offsets[layer])
 
     def _verify(self, start: int, stop: int) -> None:
-        """Check that [start, stop) is written and that every range it touches is intact."""
-        records = self._records()
-        covered = _merge([(a, b) for a, b, _ in records if a < stop and start < b])
-        if not covered or covered[0][0] > start or covered[0][1] < stop:
+        """Check that [start, stop) is written and that every block it touches is intact."""
+        records = self._refresh()
+        covered = Intervals(p for r in records.values() for p in r.clipped(start, stop))
+        if covered.pairs() != [(start, stop)]:
             raise ValueError(f"rows [{start}, {stop}) are not all written yet; "
                              f"missing: {self.missing()}")
-        for rec in records:
-            a, b, crc = rec
-            if a < stop and start < b and rec not in self._verified:
-                if self._crc(a, b) != crc:
-                    raise StoreError(f"rows [{a}, {b}) of {self.path}/rows.bin fail their "
-                                     "checksum: the file is corrupted; delete the store and recompute")
-                self._verified.add(rec)
+        if self.path is None:
+            return
+        first, last = start // self.block_rows, (stop - 1) // self.block_rows
+        for writer, ranges in records.items():
+            if not ranges.clipped(first * self.block_rows, (last + 1) * self.block_rows):
+                continue
+            if writer not in self._tables:
+                self._tables[writer] = ChecksumTable(self._file("checksums", f"{writer}.crc"),
+                                                     -(-self.n_rows // self.block_rows),
+                                                     writable=False)
+            entries = self._tables[writer].entries(first, last + 1)
+            for i, block in enumerate(range(first, last + 1)):
+                self._verify_block(writer, block, ranges, entries[i])
+
+    def _verify_block(self, writer: str, block: int, ranges: Intervals, entry: np.ndarray) -> None:
+        lo = block * self.block_rows
+        hi = min(lo + self.block_rows, self.n_rows)
+        spans = ranges.clipped(lo, hi)
+        while spans and (writer, block, sum(b - a for a, b in spans)) not in self._verified:
+            if verify_block(writer, block, spans, entry, self._row_bytes, self.path):
+                self._verified.add((writer, block, sum(b - a for a, b in spans)))
+                return
+            # The record was read before the writer moved on twice in this block: read it again.
+            fresh = read_record(self._file("progress", f"{writer}.json"), self.n_rows).clipped(lo, hi)
+            if fresh == spans:
+                raise StoreError(f"{self.path}/checksums/{writer}.crc does not match {writer}.json "
+                                 f"at rows [{lo}, {hi}): the progress of {writer!r} is corrupted")
+            spans, entry = fresh, self._tables[writer].entries(block, block + 1)[0]
 
     def read(self, start: int, stop: int, layer: str | None = None) -> torch.Tensor:
         """Rows [start, stop) as a new fp32 tensor, (stop - start, width) or (.., k_layer)."""
@@ -388,7 +429,7 @@ class GradientStore:
             raise KeyError(f"no array named {name!r} in this store")
         if self.path is None:
             return self._arrays[name].clone()
-        meta = _read_json(self._file("arrays", f"{name}.json"))
+        meta = read_json(self._file("arrays", f"{name}.json"))
         with open(self._file("arrays", f"{name}.bin"), "rb") as f:
             data = f.read()
         if zlib.crc32(data) != meta["crc32"]:
