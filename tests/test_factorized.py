@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, RTOL, backends_for, rel_err
+from conftest import DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err
 
 import grass_kernels as gk
 from grass_kernels import _tables, reference
@@ -186,7 +186,9 @@ def test_out_dtype():
     acts, grads, _ = _inputs(SHAPES["odd"], torch.float32, None)
     out, expected = _fact_grass(acts, grads, None, False, "cpu", out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, expected) < RTOL[torch.bfloat16]
+    # Each output is rounded once to bf16: relative error at most its unit roundoff.
+    assert rel_err(out, expected) < UNIT_ROUNDOFF[torch.bfloat16]
+    assert rel_err(out, expected) > RTOL[torch.float32]  # and it was rounded
 
 
 @pytest.mark.parametrize("op", ["logra", "fact_sjlt"])

@@ -14,7 +14,7 @@ import torch
 from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err
 
 import grass_kernels as gk
-from grass_kernels import _tables, reference
+from grass_kernels import _backend, _tables, reference
 
 BACKEND_CASES = [(device, backend) for device in DEVICES for backend in backends_for(device)]
 ALL_BACKENDS = BACKEND_CASES + [(device, "reference") for device in DEVICES]
@@ -56,17 +56,63 @@ def _run_op(op: str, shape: tuple, dtype, device, backend: str) -> torch.Tensor:
     return gk.grass(x, k, indices=idx, c=c, seed=5, backend=backend)
 
 
+def _reference_error(op: str, shape: tuple, dtype, device, backend: str) -> float:
+    """Relative error of ``backend`` against the reference on one shape (dtype, shape checked)."""
+    out = _run_op(op, shape, dtype, device, backend)
+    ref = _run_op(op, shape, dtype, device, "reference")
+    n, d, k, _ = shape
+    assert out.dtype == torch.float32
+    assert out.shape == (n, d if op == "sjlt_transpose" else k)
+    return rel_err(out, ref)
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
 def test_matches_reference(op, device, backend, dtype):
     for shape in _cases(backend):
-        out = _run_op(op, shape, dtype, device, backend)
-        ref = _run_op(op, shape, dtype, device, "reference")
-        n, d, k, _ = shape
-        assert out.dtype == torch.float32
-        assert out.shape == (n, d if op == "sjlt_transpose" else k)
-        assert rel_err(out, ref) < RTOL[dtype], shape
+        assert _reference_error(op, shape, dtype, device, backend) < RTOL[dtype], shape
+
+
+def _faulty(fault: str):
+    """A wrapper for ``_backend.implementation`` whose "cpu" ops make one small mistake.
+
+    zero_column: one whole output column is zero. drop_input: one input coordinate is never
+    read (as if one thread's share of D lost its first column), a 1 / sqrt(D) relative error.
+    """
+    real = _backend.implementation
+
+    def implementation(op, backend):
+        fn = real(op, backend)
+        if backend != "cpu":
+            return fn
+
+        def wrong(*args):
+            if fault == "drop_input" and op != "sjlt_transpose":
+                x = args[0].clone()
+                x[:, args[1][0] if op == "grass" else 0] = 0  # grass: args[1] = indices
+                return fn(x, *args[1:])
+            out = fn(*args)
+            out[:, out.shape[1] // 2] = 0
+            return out
+
+        return wrong
+
+    return implementation
+
+
+# The large-D shapes: a D split over threads with partial sums, a table over several tiles.
+LARGE_D = [(3, 70001, 128, 1), (2, 90001, 96, 4)]
+
+
+@pytest.mark.parametrize("fault", ["zero_column", "drop_input"])
+@pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
+def test_faulty_kernel_fails_the_check(monkeypatch, op, fault):
+    """The check of test_matches_reference rejects a kernel with one column missing at the
+    large-D shapes, for 16-bit inputs too (its bound is the fp32 one, see conftest)."""
+    monkeypatch.setattr(_backend, "implementation", _faulty(fault))
+    for shape in LARGE_D:
+        assert _reference_error(op, shape, torch.bfloat16, "cpu", "cpu") > RTOL[torch.bfloat16]
 
 
 def _non_contiguous(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -200,7 +246,9 @@ def test_grass_equals_sjlt_of_mask(device, backend, dtype):
     x = _random((n, d), dtype, device, seed=3)
     idx = _indices(d, seed=2).to(device)
     fused = gk.grass(x, k, indices=idx, c=c, seed=6, backend=backend)
-    unfused = gk.sjlt(gk.mask(x, idx), k, c=c, seed=6, backend=backend)
+    # mask returns x's dtype: the rescaled 16-bit values would round again, which the fused
+    # op (fp32 after the load) does not do. Compared on the same rounded inputs instead.
+    unfused = gk.sjlt(gk.mask(x.float(), idx), k, c=c, seed=6, backend=backend)
     assert rel_err(fused, unfused) < RTOL[dtype]
 
 
