@@ -53,6 +53,18 @@ def rtol(op: str, dtype: torch.dtype, device, backend: str | None) -> float:
     return FP32_RTOL
 
 
+def require_free_memory(gib: float) -> None:
+    """Skip the calling test, with the reason, unless the machine has ``gib`` GiB available."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        pytest.skip(f"needs {gib} GiB of free memory and cannot read /proc/meminfo")
+    if available < gib:
+        pytest.skip(f"needs {gib} GiB of free memory; {available:.1f} GiB available")
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err
+from conftest import DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err, require_free_memory
 
 import grass_kernels as gk
 from grass_kernels import _tables, reference
@@ -241,13 +241,47 @@ def test_deterministic_and_seeded():
     assert rel_err(grass(1), grass(0)) > 0.1
 
 
-def test_tables_identical_across_devices(device):
-    codes = _tables.sjlt_codes(77, 16, 2, 9, device)
-    assert torch.equal(codes.cpu(), _tables.sjlt_codes(77, 16, 2, 9))
-    assert torch.equal(
-        _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu(),
-        _tables.gaussian_matrix(5, 33, seed=2),
-    )
+def test_cached_tables_equal_fresh_draws(device):
+    """The tables served (cached, copied to the device) equal ones drawn afresh from the same
+    seeds under another global RNG state: one map for every device, call and process."""
+    torch.manual_seed(12345)
+    torch.randn(1000)
+    codes = _tables.sjlt_codes(77, 16, 2, 9, device).cpu()
+    matrix = _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu()
+    assert torch.equal(codes, _tables._sjlt_codes_cpu.__wrapped__(77, 16, 2, 9))
+    assert torch.equal(matrix, _tables._gaussian_matrix_cpu.__wrapped__(5, 33, 2))
+    # Another seed gives another table (the comparison is not of something constant).
+    assert not torch.equal(_tables._sjlt_codes_cpu.__wrapped__(77, 16, 2, 10), codes)
+    assert not torch.equal(_tables._gaussian_matrix_cpu.__wrapped__(5, 33, 3), matrix)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """acts (B, T, d_in) with B * T * d_in > 2**31 (bf16, 4.3 GB): the examples past the 32-bit
+    boundary, checked against the reference on just those examples, for all three ops. The
+    bulk holds one repeated random example, the checked ones fresh values."""
+    require_free_memory(6)
+    t, d_in, d_out = 64, 1031, 3
+    per_example = t * d_in
+    b = 2**31 // per_example + 2
+    acts = torch.empty(b, t, d_in, dtype=torch.bfloat16)
+    acts.copy_(torch.randn(1, t, d_in, generator=torch.Generator().manual_seed(0)).expand_as(acts))
+    grads = torch.randn(b, t, d_out, generator=torch.Generator().manual_seed(1)).bfloat16()
+    rows = torch.tensor([2**31 // per_example - 1, 2**31 // per_example, b - 1])
+    acts[rows] = torch.randn(len(rows), t, d_in, generator=torch.Generator().manual_seed(2)).bfloat16()
+    in_idx, out_idx = gk.random_indices(d_in + 1, 20, seed=3), torch.arange(d_out)
+    p_in, p_out = _tables.gaussian_matrix(8, d_in + 1, seed=4), _tables.gaussian_matrix(2, d_out)
+    calls = {
+        "fact_grass": lambda a, g, backend: gk.fact_grass(
+            a, g, 64, in_indices=in_idx, out_indices=out_idx, bias=True, backend=backend),
+        "fact_sjlt": lambda a, g, backend: gk.fact_sjlt(
+            a, g, k_in=8, k_out=2, bias=True, backend=backend, path="factorized"),
+        "logra": lambda a, g, backend: gk.logra(
+            a, g, p_in=p_in, p_out=p_out, bias=True, backend=backend, path="factorized"),
+    }
+    for name, call in calls.items():
+        out = call(acts, grads, "cpu")[rows]
+        assert rel_err(out, call(acts[rows], grads[rows], "reference")) < RTOL[torch.bfloat16], name
 
 
 def test_real_two_layer_net():

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err
+from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err, require_free_memory
 
 import grass_kernels as gk
 from grass_kernels import _backend, _tables, reference
@@ -280,6 +280,25 @@ def test_gaussian_matches_materialised_matrix():
     assert rel_err(out, ref) < RTOL[torch.float32]
 
 
+def test_gaussian_streamed_path(monkeypatch):
+    """A matrix over the cache limit is drawn chunk by chunk on every call: the result equals
+    x @ M^T in float64 with M assembled from the same seeded chunks, and the cached path."""
+    import grass_kernels.flat as flat
+
+    d, k, seed = 2 * _tables.GAUSSIAN_CHUNK + 1001, 8, 4  # two whole chunks and a tail
+    x = _random((3, d), torch.bfloat16, "cpu", seed=5)
+    cached = gk.gaussian(x, k, seed=seed)
+    monkeypatch.setattr(flat, "_GAUSSIAN_CACHE_BYTES", 1)  # nothing fits: stream
+    monkeypatch.setattr(_tables, "gaussian_matrix", None)  # the cached matrix is never asked for
+    streamed = gk.gaussian(x, k, seed=seed)
+    chunks = [_tables.gaussian_chunk(k, d, lo, min(d, lo + _tables.GAUSSIAN_CHUNK), seed)
+              for lo in range(0, d, _tables.GAUSSIAN_CHUNK)]
+    assert [c.shape[1] for c in chunks] == [_tables.GAUSSIAN_CHUNK] * 2 + [1001]
+    expected = x.double() @ torch.cat(chunks, dim=1).double().T
+    assert rel_err(streamed, expected) < RTOL[torch.float32]
+    assert rel_err(streamed, cached) < RTOL[torch.float32]
+
+
 def test_gaussian_unbiased():
     est, truth = _inner_product_estimates(lambda z, s: gk.gaussian(z, 8, seed=s), 100, 1500)
     assert abs(_z(est, truth)) < 4.0
@@ -302,6 +321,7 @@ def test_more_than_2_31_elements():
     """N * D > 2**31 (bf16, 4.3 GB): rows past the 32-bit boundary, checked against the
     reference on just those rows. The bulk holds one repeated random block, the checked rows
     fresh values, so a wrapped offset reads different numbers."""
+    require_free_memory(6)
     d, k, c = 1031, 16, 2
     n = 2**31 // d + 3
     x = torch.empty(n, d, dtype=torch.bfloat16)
@@ -316,6 +336,26 @@ def test_more_than_2_31_elements():
     idx = torch.tensor([0, 5, 400, d - 1])
     out = gk.grass(x, k, indices=idx, c=c, backend="cpu")
     ref = reference.grass(x[rows], idx, _tables.sjlt_codes(4, k, c, 0), k, math.sqrt(d / 4))
+    assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.slow
+def test_transpose_more_than_2_31_elements():
+    """sjlt_transpose reading y (N, k) with N * k > 2**31 (bf16, 4.3 GB), rows past the 32-bit
+    boundary checked against the reference on those rows (bulk: one repeated random block)."""
+    require_free_memory(6)
+    d, k, c = 9, 1024, 2  # few (coordinate, copy) pairs: the kernel reads 18 entries a row
+    n = 2**31 // k + 3
+    y = torch.empty(n, k, dtype=torch.bfloat16)
+    block = _random((4096, k), torch.bfloat16, "cpu", seed=0)
+    whole = n - n % 4096
+    y[:whole].view(-1, 4096, k).copy_(block.expand(whole // 4096, 4096, k))
+    y[whole:] = block[: n - whole]
+    rows = torch.tensor([2**31 // k - 1, 2**31 // k, n - 2, n - 1])
+    y[rows] = _random((len(rows), k), torch.bfloat16, "cpu", seed=1)
+    out = gk.sjlt_transpose(y, d, c=c, backend="cpu")
+    ref = reference.sjlt_transpose(y[rows], _tables.sjlt_codes(d, k, c, 0))
+    del y
     assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
 
 
