@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err, require_free_memory
+from conftest import (DEVICES, DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err,
+                      require_free_memory, rtol)
 
 import grass_kernels as gk
 from grass_kernels import _tables, reference
@@ -49,7 +50,9 @@ def _inputs(shape, dtype, mask_kind, seed=0):
 
 
 def _gradient(acts, grads, mask, bias):
-    """The materialised per-example gradients (B, d_out, d_in') of the reference."""
+    """The materialised per-example gradients (B, d_out, d_in') of the reference, on the CPU."""
+    acts, grads = acts.cpu(), grads.cpu()
+    mask = None if mask is None else mask.cpu()
     if acts.dim() == 2:
         acts, grads = acts.unsqueeze(1), grads.unsqueeze(1)
     m = None if mask is None else mask.float()
@@ -74,12 +77,12 @@ def _flat(matrix, gradient):
 # Each contract: (call the op, expected output from the materialised gradient G).
 def _logra(acts, grads, mask, bias, backend, k=(5, 7), **kw):
     d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    p_in = _tables.gaussian_matrix(k[1], d_in, seed=11)
-    p_out = _tables.gaussian_matrix(k[0], d_out, seed=12)
+    p_in = _tables.gaussian_matrix(k[1], d_in, seed=11, device=acts.device)
+    p_out = _tables.gaussian_matrix(k[0], d_out, seed=12, device=acts.device)
     out = gk.logra(
         acts, grads, p_in=p_in, p_out=p_out, bias=bias, token_mask=mask, backend=backend, **kw
     )
-    return out, _flat(_kron(p_out, p_in), _gradient(acts, grads, mask, bias))
+    return out, _flat(_kron(p_out.cpu(), p_in.cpu()), _gradient(acts, grads, mask, bias))
 
 
 def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6, 9), **kw):
@@ -87,8 +90,8 @@ def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6
     in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, n[1]), seed=3)
     out_idx = gk.random_indices(d_out, min(d_out, n[0]), seed=4)
     out = gk.fact_grass(
-        acts, grads, k, in_indices=in_idx, out_indices=out_idx, c=c, seed=5, bias=bias,
-        token_mask=mask, backend=backend, **kw,
+        acts, grads, k, in_indices=in_idx.to(acts.device), out_indices=out_idx.to(acts.device),
+        c=c, seed=5, bias=bias, token_mask=mask, backend=backend, **kw,
     )
     reduced = _gradient(acts, grads, mask, bias)[:, out_idx][:, :, in_idx].flatten(1)
     scale = math.sqrt(d_out * d_in / reduced.shape[1])
@@ -110,24 +113,28 @@ OPS = {"logra": _logra, "fact_grass": _fact_grass, "fact_sjlt": _fact_sjlt}
 
 
 def _cases():
-    for backend in BACKENDS:
-        for name, shape in SHAPES.items():
-            if backend == "triton" and name not in TRITON_SHAPES:
-                continue
-            for op in OPS:
-                yield pytest.param(backend, name, op, id=f"{backend}-{name}-{op}")
+    for device in DEVICES:
+        for backend in backends_for(device):
+            for name, shape in SHAPES.items():
+                if backend == "triton" and name not in TRITON_SHAPES:
+                    continue
+                for op in OPS:
+                    yield pytest.param(device, backend, name, op,
+                                       id=f"{device}-{backend}-{name}-{op}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend,shape,op", list(_cases()))
-def test_contract(backend, shape, op, dtype):
+@pytest.mark.parametrize("device,backend,shape,op", list(_cases()))
+def test_contract(device, backend, shape, op, dtype):
     for mask_kind in MASKS:
         for bias in (False, True):
             acts, grads, mask = _inputs(SHAPES[shape], dtype, mask_kind)
+            acts, grads = acts.to(device), grads.to(device)
+            mask = None if mask is None else mask.to(device)
             out, expected = OPS[op](acts, grads, mask, bias, backend)
             assert out.dtype == torch.float32 and out.shape == expected.shape
             err = rel_err(out, expected)
-            assert err < RTOL[dtype], (mask_kind, bias, err)
+            assert err < rtol(op, dtype, device, backend), (mask_kind, bias, err)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
