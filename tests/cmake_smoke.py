@@ -78,9 +78,10 @@ def factorized_calls():
                 yield f"logra {name}", lambda be, a=acts, g=grads, m=mask, pi=p_in, po=p_out: (
                     gk.logra(a, g, p_in=pi, p_out=po, bias=True, token_mask=m, backend=be,
                              path="factorized"))
-                yield f"fact_grass {name}", lambda be, a=acts, g=grads, m=mask, i=in_idx, o=out_idx: (
-                    gk.fact_grass(a, g, 64, in_indices=i, out_indices=o, c=2, bias=True,
-                                  token_mask=m, backend=be))
+                yield f"fact_grass {name}", (
+                    lambda be, a=acts, g=grads, m=mask, i=in_idx, o=out_idx: gk.fact_grass(
+                        a, g, 64, in_indices=i, out_indices=o, c=2, bias=True, token_mask=m,
+                        backend=be))
                 yield f"fact_sjlt {name}", lambda be, a=acts, g=grads, m=mask: (
                     gk.fact_sjlt(a, g, k_in=8, k_out=4, c=2, bias=True, token_mask=m,
                                  backend=be, path="factorized"))

@@ -74,7 +74,8 @@ def _inputs(device):
     return {
         "x": r(3, 50), "y": r(3, 8), "acts": r(2, 3, 10), "grads": r(2, 3, 6),
         "p_in": r(4, 11), "p_out": r(3, 6), "idx": gk.random_indices(50, 9).to(device),
-        "idx_in": gk.random_indices(11, 5).to(device), "idx_out": gk.random_indices(6, 4).to(device),
+        "idx_in": gk.random_indices(11, 5).to(device),
+        "idx_out": gk.random_indices(6, 4).to(device),
     }
 
 
@@ -120,7 +121,9 @@ def dispatch_mismatch(case: str, device: str, backend: str | None) -> str | None
             e.startswith(("native:", "triton:")) for e in ran)
     else:
         ok = top == expected and not any(e.startswith("reference:") for e in ran)
-    return None if ok else f"{case} on {device}, backend={backend!r}: expected {expected}, ran {ran}"
+    if ok:
+        return None
+    return f"{case} on {device}, backend={backend!r}: expected {expected}, ran {ran}"
 
 
 CASES = [

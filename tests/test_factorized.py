@@ -275,7 +275,8 @@ def test_more_than_2_31_elements():
     acts.copy_(torch.randn(1, t, d_in, generator=torch.Generator().manual_seed(0)).expand_as(acts))
     grads = torch.randn(b, t, d_out, generator=torch.Generator().manual_seed(1)).bfloat16()
     rows = torch.tensor([2**31 // per_example - 1, 2**31 // per_example, b - 1])
-    acts[rows] = torch.randn(len(rows), t, d_in, generator=torch.Generator().manual_seed(2)).bfloat16()
+    fresh = torch.Generator().manual_seed(2)
+    acts[rows] = torch.randn(len(rows), t, d_in, generator=fresh).bfloat16()
     in_idx, out_idx = gk.random_indices(d_in + 1, 20, seed=3), torch.arange(d_out)
     p_in, p_out = _tables.gaussian_matrix(8, d_in + 1, seed=4), _tables.gaussian_matrix(2, d_out)
     calls = {
