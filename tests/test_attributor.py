@@ -90,7 +90,10 @@ def _flat_equivalent(compressor, name: str, g: torch.Tensor, seed: int) -> torch
         idx = gk.random_indices(flat.shape[1], compressor.k, seed=layer_seed(seed, name, "mask"))
         return gk.mask(flat, idx)
     assert isinstance(compressor, grass.Gaussian)
-    return gk.gaussian(flat, compressor.k, seed=layer_seed(seed, name, "gaussian"))
+    # Not gk.gaussian (what the compressor calls): its matrix, multiplied here in float64.
+    s = layer_seed(seed, name, "gaussian")
+    matrix = gk.gaussian_matrix(compressor.k, flat.shape[1], seed=s)
+    return flat.double() @ matrix.double().T
 
 
 @pytest.mark.parametrize(
@@ -180,8 +183,11 @@ def test_data_forms_give_the_same_features(form):
 
 
 # -- scores against brute force -----------------------------------------------------------------
-def _brute(attr, train, test, damping):
-    phi, psi = attr.features(train).values.double(), attr.features(test).values.double()
+def _brute(attr, train, test, damping, phi=None):
+    """Per-layer scores and preconditioned norms from the features in float64; ``phi``
+    replaces the train features (n_train, width) when given."""
+    phi = attr.features(train).values if phi is None else phi
+    phi, psi = phi.double(), attr.features(test).values.double()
     per_layer, norms_tr, norms_te = [], [], []
     for start, stop in attr.offsets.values():
         a, b = phi[:, start:stop], psi[:, start:stop]
@@ -248,6 +254,97 @@ def test_resume_computes_only_missing_rows(tmp_path):
     assert sum(seen) == 10  # rows 8..17 only
     fresh = _attr(grass.FactGraSS(k=8), batch_size=4).features(train).values
     assert torch.equal(store.read(0, 18), fresh)
+
+
+# -- token masks through every compressed map ---------------------------------------------------
+TOKEN_COMPRESSORS = [
+    grass.Identity(), grass.SJLT(k=8), grass.RandomMask(k=8), grass.GraSS(k=4),
+    grass.Gaussian(k=8), grass.LoGra(k=8), grass.FactGraSS(k=8), grass.FactSJLT(k=6),
+    grass.SelectiveMask(k=4, indices={"0": torch.tensor([3, 17, 40, 55]),
+                                      "2": torch.tensor([0, 1, 29, 44])}),
+]
+
+
+def _token_batch(garbage: bool):
+    """(B, T) = (5, 7) tokens of width 6 with lengths 7, 1, 4, 6, 2; the padding holds zeros,
+    or with ``garbage`` large random values (finite, so the loss stays finite)."""
+    g = torch.Generator().manual_seed(8)
+    x, target = torch.randn(5, 7, 6, generator=g), torch.randn(5, 7, 5, generator=g)
+    mask = torch.arange(7)[None] < torch.tensor([7, 1, 4, 6, 2])[:, None]
+    fill = 1e3 * torch.randn(5, 7, 6, generator=g) if garbage else torch.zeros(5, 7, 6)
+    return {"x": torch.where(mask[..., None], x, fill), "attention_mask": mask.long(),
+            "target": target}
+
+
+def _every_token_loss(model, batch):
+    """Counts every token, padding included: only the batch's mask can remove the padding."""
+    return ((model(batch["x"]) - batch["target"]) ** 2).sum((1, 2))
+
+
+@pytest.mark.parametrize("compressor", TOKEN_COMPRESSORS, ids=lambda c: type(c).__name__)
+def test_token_mask_through_every_map(compressor):
+    """Masked tokens holding garbage change nothing, and each example's features equal a run on
+    its trimmed sequence (no padding, no mask)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    attr = grass.Attributor(model, _every_token_loss, compressor, batch_size=5, progress=False,
+                            seed=2)
+    clean = attr.features(_token_batch(garbage=False)).values
+    dirty = attr.features(_token_batch(garbage=True)).values
+    assert rel_err(dirty, clean) < 1e-6
+    batch = _token_batch(garbage=False)
+    trimmed = torch.cat([
+        attr.features({"x": batch["x"][i:i + 1, :n], "target": batch["target"][i:i + 1, :n]}).values
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist())
+    ])
+    assert rel_err(clean, trimmed) < 1e-5
+    # The padding would matter without the mask.
+    unmasked = attr.features({k: v for k, v in batch.items() if k != "attention_mask"}).values
+    assert rel_err(unmasked, clean) > 1e-2
+
+
+# -- the on-disk store: reopening, stored dtype ---------------------------------------------------
+def test_store_of_changed_weights_is_refused(tmp_path):
+    """A store built from one checkpoint refuses to be extended or scored by another."""
+    train = _data(8)
+    _attr(grass.FactGraSS(k=8), store=tmp_path / "s").cache(train)
+    changed = _model()
+    with torch.no_grad():
+        changed[0].weight[0, 0] += 1e-3
+    attr = grass.Attributor(changed, _loss, grass.FactGraSS(k=8), store=tmp_path / "s",
+                            batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"different configuration.*parameters"):
+        attr.cache(train)
+    # The same weights reopen it (nothing to recompute).
+    assert torch.equal(_attr(grass.FactGraSS(k=8), store=tmp_path / "s").cache(train).read(0, 8),
+                       _attr(grass.FactGraSS(k=8)).features(train).values)
+
+
+# Unit roundoff of the stored 16-bit formats.
+STORE_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_store_dtype_end_to_end(tmp_path, dtype):
+    """A 16-bit store holds the train features rounded to its dtype and scores exactly as the
+    fp32 pipeline does on those rounded rows; against the fp32 store the scores move by the
+    rounding only."""
+    train, test = _data(23), _data(5, seed=9)
+    attr = _attr(grass.FactGraSS(k=8), damping=0.3, store=tmp_path / "s", store_dtype=dtype)
+    store = attr.cache(train)
+    fp32 = attr.features(train).values
+    rounded = fp32.to(dtype).float()
+    assert torch.equal(store.read(0, 23).float(), rounded)
+    assert rel_err(rounded, fp32) > 0.1 * STORE_ROUNDOFF[dtype]  # it was rounded
+    layers, _, _ = _brute(attr, train, test, 0.3, phi=rounded)
+    scores = attr.attribute(test)
+    assert rel_err(scores, layers.sum(0)) < 1e-5
+    full = _attr(grass.FactGraSS(k=8), damping=0.3, store=tmp_path / "f")
+    full.cache(train)
+    # Rows move by at most u each, relative; through the damped Fisher's inverse and the
+    # product the score matrix moves by a fraction of u to a few u (0.44 u measured).
+    err = rel_err(scores, full.attribute(test))
+    assert 1e-5 < err < 4 * STORE_ROUNDOFF[dtype], err
 
 
 # -- bad input ----------------------------------------------------------------------------------

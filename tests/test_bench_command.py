@@ -42,7 +42,8 @@ def test_quick_tables(tmp_path):
     factorized = _table(text, "factorized.table")
     assert [r["layer"].split()[1] for r in factorized] == ["c_fc", "q_proj", "up_proj"]
     for row in factorized:
-        for column in ("logra_torch/fact_grass", "unfused/fact_grass", "logra_torch/logra"):
+        columns = ("logra_torch/logra", "unfused/fact_grass", "cross-method logra_torch/fact_grass")
+        for column in columns:
             ratio = float(row[column].rstrip("x"))
             assert math.isfinite(ratio) and ratio > 0, (row["layer"], column)
         # The fused kernels hold no per-example gradient: far below materialising G_i.

@@ -10,6 +10,11 @@ import torch
 
 from grass.cli import main
 
+# How far below or above the uncompressed (Identity) LDS the compressed methods at the largest
+# k of the quick run may land: 12 retrained subsets and 20 test examples make LDS noisy at the
+# level of a few hundredths.
+LDS_MARGIN = 0.1
+
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
@@ -27,7 +32,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                        "SelectiveMask"}
     assert all(math.isfinite(v) for r in results for v in r["lds"])
     identity = next(r for r in results if r["method"] == "Identity")
-    assert identity["lds"][0] > 0.3  # measured ~0.54 on this quick config; random scores give ~0
+    assert identity["lds"][0] > 0.3  # measured 0.52 on this quick config; random scores give ~0
+    # The paper's methods at the largest k come within LDS_MARGIN of the uncompressed scores
+    # (measured on this config: FactGraSS 0.035 below Identity, GraSS 0.009 above; the full
+    # run's gap at k = 1024 is under 0.015), and gain from the smallest k to the largest.
+    for method in ("FactGraSS", "GraSS"):
+        by_k = {r["k"]: r["lds"][0] for r in results if r["method"] == method}
+        largest, smallest = by_k[max(by_k)], by_k[min(by_k)]
+        assert abs(largest - identity["lds"][0]) < LDS_MARGIN, (method, by_k, identity)
+        assert largest > smallest, (method, by_k)
     assert (tmp_path / "lds_targets.npz").exists()  # the ground truth is cached for reruns
 
 

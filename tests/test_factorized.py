@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, RTOL, backends_for, rel_err
+from conftest import (DEVICES, DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err,
+                      require_free_memory, rtol)
 
 import grass_kernels as gk
 from grass_kernels import _tables, reference
@@ -49,7 +50,9 @@ def _inputs(shape, dtype, mask_kind, seed=0):
 
 
 def _gradient(acts, grads, mask, bias):
-    """The materialised per-example gradients (B, d_out, d_in') of the reference."""
+    """The materialised per-example gradients (B, d_out, d_in') of the reference, on the CPU."""
+    acts, grads = acts.cpu(), grads.cpu()
+    mask = None if mask is None else mask.cpu()
     if acts.dim() == 2:
         acts, grads = acts.unsqueeze(1), grads.unsqueeze(1)
     m = None if mask is None else mask.float()
@@ -74,12 +77,12 @@ def _flat(matrix, gradient):
 # Each contract: (call the op, expected output from the materialised gradient G).
 def _logra(acts, grads, mask, bias, backend, k=(5, 7), **kw):
     d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    p_in = _tables.gaussian_matrix(k[1], d_in, seed=11)
-    p_out = _tables.gaussian_matrix(k[0], d_out, seed=12)
+    p_in = _tables.gaussian_matrix(k[1], d_in, seed=11, device=acts.device)
+    p_out = _tables.gaussian_matrix(k[0], d_out, seed=12, device=acts.device)
     out = gk.logra(
         acts, grads, p_in=p_in, p_out=p_out, bias=bias, token_mask=mask, backend=backend, **kw
     )
-    return out, _flat(_kron(p_out, p_in), _gradient(acts, grads, mask, bias))
+    return out, _flat(_kron(p_out.cpu(), p_in.cpu()), _gradient(acts, grads, mask, bias))
 
 
 def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6, 9), **kw):
@@ -87,8 +90,8 @@ def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6
     in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, n[1]), seed=3)
     out_idx = gk.random_indices(d_out, min(d_out, n[0]), seed=4)
     out = gk.fact_grass(
-        acts, grads, k, in_indices=in_idx, out_indices=out_idx, c=c, seed=5, bias=bias,
-        token_mask=mask, backend=backend, **kw,
+        acts, grads, k, in_indices=in_idx.to(acts.device), out_indices=out_idx.to(acts.device),
+        c=c, seed=5, bias=bias, token_mask=mask, backend=backend, **kw,
     )
     reduced = _gradient(acts, grads, mask, bias)[:, out_idx][:, :, in_idx].flatten(1)
     scale = math.sqrt(d_out * d_in / reduced.shape[1])
@@ -110,24 +113,28 @@ OPS = {"logra": _logra, "fact_grass": _fact_grass, "fact_sjlt": _fact_sjlt}
 
 
 def _cases():
-    for backend in BACKENDS:
-        for name, shape in SHAPES.items():
-            if backend == "triton" and name not in TRITON_SHAPES:
-                continue
-            for op in OPS:
-                yield pytest.param(backend, name, op, id=f"{backend}-{name}-{op}")
+    for device in DEVICES:
+        for backend in backends_for(device):
+            for name, shape in SHAPES.items():
+                if backend == "triton" and name not in TRITON_SHAPES:
+                    continue
+                for op in OPS:
+                    yield pytest.param(device, backend, name, op,
+                                       id=f"{device}-{backend}-{name}-{op}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend,shape,op", list(_cases()))
-def test_contract(backend, shape, op, dtype):
+@pytest.mark.parametrize("device,backend,shape,op", list(_cases()))
+def test_contract(device, backend, shape, op, dtype):
     for mask_kind in MASKS:
         for bias in (False, True):
             acts, grads, mask = _inputs(SHAPES[shape], dtype, mask_kind)
+            acts, grads = acts.to(device), grads.to(device)
+            mask = None if mask is None else mask.to(device)
             out, expected = OPS[op](acts, grads, mask, bias, backend)
             assert out.dtype == torch.float32 and out.shape == expected.shape
             err = rel_err(out, expected)
-            assert err < RTOL[dtype], (mask_kind, bias, err)
+            assert err < rtol(op, dtype, device, backend), (mask_kind, bias, err)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,7 +193,9 @@ def test_out_dtype():
     acts, grads, _ = _inputs(SHAPES["odd"], torch.float32, None)
     out, expected = _fact_grass(acts, grads, None, False, "cpu", out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, expected) < RTOL[torch.bfloat16]
+    # Each output is rounded once to bf16: relative error at most its unit roundoff.
+    assert rel_err(out, expected) < UNIT_ROUNDOFF[torch.bfloat16]
+    assert rel_err(out, expected) > RTOL[torch.float32]  # and it was rounded
 
 
 @pytest.mark.parametrize("op", ["logra", "fact_sjlt"])
@@ -239,13 +248,48 @@ def test_deterministic_and_seeded():
     assert rel_err(grass(1), grass(0)) > 0.1
 
 
-def test_tables_identical_across_devices(device):
-    codes = _tables.sjlt_codes(77, 16, 2, 9, device)
-    assert torch.equal(codes.cpu(), _tables.sjlt_codes(77, 16, 2, 9))
-    assert torch.equal(
-        _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu(),
-        _tables.gaussian_matrix(5, 33, seed=2),
-    )
+def test_cached_tables_equal_fresh_draws(device):
+    """The tables served (cached, copied to the device) equal ones drawn afresh from the same
+    seeds under another global RNG state: one map for every device, call and process."""
+    torch.manual_seed(12345)
+    torch.randn(1000)
+    codes = _tables.sjlt_codes(77, 16, 2, 9, device).cpu()
+    matrix = _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu()
+    assert torch.equal(codes, _tables._sjlt_codes_cpu.__wrapped__(77, 16, 2, 9))
+    assert torch.equal(matrix, _tables._gaussian_matrix_cpu.__wrapped__(5, 33, 2))
+    # Another seed gives another table (the comparison is not of something constant).
+    assert not torch.equal(_tables._sjlt_codes_cpu.__wrapped__(77, 16, 2, 10), codes)
+    assert not torch.equal(_tables._gaussian_matrix_cpu.__wrapped__(5, 33, 3), matrix)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """acts (B, T, d_in) with B * T * d_in > 2**31 (bf16, 4.3 GB): the examples past the 32-bit
+    boundary, checked against the reference on just those examples, for all three ops. The
+    bulk holds one repeated random example, the checked ones fresh values."""
+    require_free_memory(6)
+    t, d_in, d_out = 64, 1031, 3
+    per_example = t * d_in
+    b = 2**31 // per_example + 2
+    acts = torch.empty(b, t, d_in, dtype=torch.bfloat16)
+    acts.copy_(torch.randn(1, t, d_in, generator=torch.Generator().manual_seed(0)).expand_as(acts))
+    grads = torch.randn(b, t, d_out, generator=torch.Generator().manual_seed(1)).bfloat16()
+    rows = torch.tensor([2**31 // per_example - 1, 2**31 // per_example, b - 1])
+    fresh = torch.Generator().manual_seed(2)
+    acts[rows] = torch.randn(len(rows), t, d_in, generator=fresh).bfloat16()
+    in_idx, out_idx = gk.random_indices(d_in + 1, 20, seed=3), torch.arange(d_out)
+    p_in, p_out = _tables.gaussian_matrix(8, d_in + 1, seed=4), _tables.gaussian_matrix(2, d_out)
+    calls = {
+        "fact_grass": lambda a, g, backend: gk.fact_grass(
+            a, g, 64, in_indices=in_idx, out_indices=out_idx, bias=True, backend=backend),
+        "fact_sjlt": lambda a, g, backend: gk.fact_sjlt(
+            a, g, k_in=8, k_out=2, bias=True, backend=backend, path="factorized"),
+        "logra": lambda a, g, backend: gk.logra(
+            a, g, p_in=p_in, p_out=p_out, bias=True, backend=backend, path="factorized"),
+    }
+    for name, call in calls.items():
+        out = call(acts, grads, "cpu")[rows]
+        assert rel_err(out, call(acts[rows], grads[rows], "reference")) < RTOL[torch.bfloat16], name
 
 
 def test_real_two_layer_net():

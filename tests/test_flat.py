@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err
+from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err, require_free_memory
 
 import grass_kernels as gk
-from grass_kernels import _tables, reference
+from grass_kernels import _backend, _tables, reference
 
 BACKEND_CASES = [(device, backend) for device in DEVICES for backend in backends_for(device)]
 ALL_BACKENDS = BACKEND_CASES + [(device, "reference") for device in DEVICES]
@@ -56,17 +56,63 @@ def _run_op(op: str, shape: tuple, dtype, device, backend: str) -> torch.Tensor:
     return gk.grass(x, k, indices=idx, c=c, seed=5, backend=backend)
 
 
+def _reference_error(op: str, shape: tuple, dtype, device, backend: str) -> float:
+    """Relative error of ``backend`` against the reference on one shape (dtype, shape checked)."""
+    out = _run_op(op, shape, dtype, device, backend)
+    ref = _run_op(op, shape, dtype, device, "reference")
+    n, d, k, _ = shape
+    assert out.dtype == torch.float32
+    assert out.shape == (n, d if op == "sjlt_transpose" else k)
+    return rel_err(out, ref)
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
 def test_matches_reference(op, device, backend, dtype):
     for shape in _cases(backend):
-        out = _run_op(op, shape, dtype, device, backend)
-        ref = _run_op(op, shape, dtype, device, "reference")
-        n, d, k, _ = shape
-        assert out.dtype == torch.float32
-        assert out.shape == (n, d if op == "sjlt_transpose" else k)
-        assert rel_err(out, ref) < RTOL[dtype], shape
+        assert _reference_error(op, shape, dtype, device, backend) < RTOL[dtype], shape
+
+
+def _faulty(fault: str):
+    """A wrapper for ``_backend.implementation`` whose "cpu" ops make one small mistake.
+
+    zero_column: one whole output column is zero. drop_input: one input coordinate is never
+    read (as if one thread's share of D lost its first column), a 1 / sqrt(D) relative error.
+    """
+    real = _backend.implementation
+
+    def implementation(op, backend):
+        fn = real(op, backend)
+        if backend != "cpu":
+            return fn
+
+        def wrong(*args):
+            if fault == "drop_input" and op != "sjlt_transpose":
+                x = args[0].clone()
+                x[:, args[1][0] if op == "grass" else 0] = 0  # grass: args[1] = indices
+                return fn(x, *args[1:])
+            out = fn(*args)
+            out[:, out.shape[1] // 2] = 0
+            return out
+
+        return wrong
+
+    return implementation
+
+
+# The large-D shapes: a D split over threads with partial sums, a table over several tiles.
+LARGE_D = [(3, 70001, 128, 1), (2, 90001, 96, 4)]
+
+
+@pytest.mark.parametrize("fault", ["zero_column", "drop_input"])
+@pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
+def test_faulty_kernel_fails_the_check(monkeypatch, op, fault):
+    """The check of test_matches_reference rejects a kernel with one column missing at the
+    large-D shapes, for 16-bit inputs too (its bound is the fp32 one, see conftest)."""
+    monkeypatch.setattr(_backend, "implementation", _faulty(fault))
+    for shape in LARGE_D:
+        assert _reference_error(op, shape, torch.bfloat16, "cpu", "cpu") > RTOL[torch.bfloat16]
 
 
 def _non_contiguous(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -200,7 +246,9 @@ def test_grass_equals_sjlt_of_mask(device, backend, dtype):
     x = _random((n, d), dtype, device, seed=3)
     idx = _indices(d, seed=2).to(device)
     fused = gk.grass(x, k, indices=idx, c=c, seed=6, backend=backend)
-    unfused = gk.sjlt(gk.mask(x, idx), k, c=c, seed=6, backend=backend)
+    # mask returns x's dtype: the rescaled 16-bit values would round again, which the fused
+    # op (fp32 after the load) does not do. Compared on the same rounded inputs instead.
+    unfused = gk.sjlt(gk.mask(x.float(), idx), k, c=c, seed=6, backend=backend)
     assert rel_err(fused, unfused) < RTOL[dtype]
 
 
@@ -232,6 +280,25 @@ def test_gaussian_matches_materialised_matrix():
     assert rel_err(out, ref) < RTOL[torch.float32]
 
 
+def test_gaussian_streamed_path(monkeypatch):
+    """A matrix over the cache limit is drawn chunk by chunk on every call: the result equals
+    x @ M^T in float64 with M assembled from the same seeded chunks, and the cached path."""
+    import grass_kernels.flat as flat
+
+    d, k, seed = 2 * _tables.GAUSSIAN_CHUNK + 1001, 8, 4  # two whole chunks and a tail
+    x = _random((3, d), torch.bfloat16, "cpu", seed=5)
+    cached = gk.gaussian(x, k, seed=seed)
+    monkeypatch.setattr(flat, "_GAUSSIAN_CACHE_BYTES", 1)  # nothing fits: stream
+    monkeypatch.setattr(_tables, "gaussian_matrix", None)  # the cached matrix is never asked for
+    streamed = gk.gaussian(x, k, seed=seed)
+    chunks = [_tables.gaussian_chunk(k, d, lo, min(d, lo + _tables.GAUSSIAN_CHUNK), seed)
+              for lo in range(0, d, _tables.GAUSSIAN_CHUNK)]
+    assert [c.shape[1] for c in chunks] == [_tables.GAUSSIAN_CHUNK] * 2 + [1001]
+    expected = x.double() @ torch.cat(chunks, dim=1).double().T
+    assert rel_err(streamed, expected) < RTOL[torch.float32]
+    assert rel_err(streamed, cached) < RTOL[torch.float32]
+
+
 def test_gaussian_unbiased():
     est, truth = _inner_product_estimates(lambda z, s: gk.gaussian(z, 8, seed=s), 100, 1500)
     assert abs(_z(est, truth)) < 4.0
@@ -254,6 +321,7 @@ def test_more_than_2_31_elements():
     """N * D > 2**31 (bf16, 4.3 GB): rows past the 32-bit boundary, checked against the
     reference on just those rows. The bulk holds one repeated random block, the checked rows
     fresh values, so a wrapped offset reads different numbers."""
+    require_free_memory(6)
     d, k, c = 1031, 16, 2
     n = 2**31 // d + 3
     x = torch.empty(n, d, dtype=torch.bfloat16)
@@ -268,6 +336,26 @@ def test_more_than_2_31_elements():
     idx = torch.tensor([0, 5, 400, d - 1])
     out = gk.grass(x, k, indices=idx, c=c, backend="cpu")
     ref = reference.grass(x[rows], idx, _tables.sjlt_codes(4, k, c, 0), k, math.sqrt(d / 4))
+    assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.slow
+def test_transpose_more_than_2_31_elements():
+    """sjlt_transpose reading y (N, k) with N * k > 2**31 (bf16, 4.3 GB), rows past the 32-bit
+    boundary checked against the reference on those rows (bulk: one repeated random block)."""
+    require_free_memory(6)
+    d, k, c = 9, 1024, 2  # few (coordinate, copy) pairs: the kernel reads 18 entries a row
+    n = 2**31 // k + 3
+    y = torch.empty(n, k, dtype=torch.bfloat16)
+    block = _random((4096, k), torch.bfloat16, "cpu", seed=0)
+    whole = n - n % 4096
+    y[:whole].view(-1, 4096, k).copy_(block.expand(whole // 4096, 4096, k))
+    y[whole:] = block[: n - whole]
+    rows = torch.tensor([2**31 // k - 1, 2**31 // k, n - 2, n - 1])
+    y[rows] = _random((len(rows), k), torch.bfloat16, "cpu", seed=1)
+    out = gk.sjlt_transpose(y, d, c=c, backend="cpu")
+    ref = reference.sjlt_transpose(y[rows], _tables.sjlt_codes(d, k, c, 0))
+    del y
     assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
 
 

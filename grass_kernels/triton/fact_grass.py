@@ -55,7 +55,10 @@ def _fact_grass_kernel(acts, grads, in_indices, out_indices, codes, token_mask, 
         g = tl.load(grads_cols + t64 * sg_t, mask=t_mask & o_mask[None, :], other=0.0)
         if HAS_MASK:
             m = tl.load(token_mask + b * sm_b + t * sm_t, mask=t < T, other=0.0)
-            g = (g.to(tl.float32) * m[:, None]).to(g.dtype)
+            if NATIVE:  # tensor cores multiply in the inputs' 16-bit dtype: round to it
+                g = (g.to(tl.float32) * m[:, None]).to(g.dtype)
+            else:  # fp32 products: keep the masked rows exact
+                g = g.to(tl.float32) * m[:, None]
         acc = dot(tl.trans(g), x, acc, NATIVE)
     pos = oo[:, None] * n_in + ii[None, :]
     pos_mask = (oo < n_out)[:, None] & (ii < n_in)[None, :]
