@@ -6,6 +6,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from grass_kernels import _backend  # noqa: E402
+
 torch.set_num_threads(2)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -70,10 +72,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def backends_for(device: str) -> list[str]:
-    """Kernel backends to test on this machine: the native kernels and Triton."""
+def backends_for(device: str, op: str | None = None) -> list[str]:
+    """Kernel backends to test for ``op`` on ``device``: the native kernel (where one exists for
+    that device) and Triton."""
     if device == "cuda":
-        return ["cuda", "triton"]
+        return (["cuda"] if op not in _backend.NO_CUDA_KERNEL else []) + ["triton"]
     return ["cpu", "triton"]
 
 
