@@ -20,6 +20,7 @@ from .compressors import (
     RandomMask,
     SelectiveMask,
 )
+from . import tasks
 from .lds import lds
 from .store import GradientStore
 
@@ -38,4 +39,5 @@ __all__ = [
     "RandomMask",
     "SelectiveMask",
     "lds",
+    "tasks",
 ]
