@@ -123,3 +123,30 @@ def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "") -> tor
             stacklevel=3,
         )
     return factor
+
+
+# -- kept with the store -----------------------------------------------------------------------
+# Arrays of a store, per hessian kind h: "h.<layer>" the Fisher F_l (k_l, k_l) fp32, "h.damping"
+# the damping in use when it was computed, and last "h.rows" the row count it covers (its presence
+# marks a complete save).
+def save_fisher(store, hessian: str, fishers: Mapping[str, torch.Tensor], damping: float) -> None:
+    """Save per-layer Fishers (name -> (k_l, k_l)) of all ``store.n_rows`` rows with the store."""
+    for name, mat in fishers.items():
+        store.save_array(f"{hessian}.{name}", mat.float())
+    store.save_array(f"{hessian}.damping", torch.tensor(float(damping), dtype=torch.float64))
+    store.save_array(f"{hessian}.rows", torch.tensor(store.n_rows, dtype=torch.int64))
+
+
+def load_fisher(store, hessian: str) -> dict[str, torch.Tensor] | None:
+    """The per-layer Fishers saved with ``store`` for ``hessian``, or None when there are none
+    covering all of its rows."""
+    if not store.has_array(f"{hessian}.rows"):
+        return None
+    if int(store.load_array(f"{hessian}.rows")) != store.n_rows:
+        return None
+    return {name: store.load_array(f"{hessian}.{name}") for name in store.layers}
+
+
+def saved_damping(store, hessian: str) -> float:
+    """The damping recorded with the Fisher saved for ``hessian``."""
+    return float(store.load_array(f"{hessian}.damping"))
