@@ -44,6 +44,21 @@ def _snapshot(path):
             for d, _, files in os.walk(path) for f in files}
 
 
+def _kill_after(n_batches, path):
+    """Start a cache into ``path`` that is killed on its batch ``n_batches + 1``."""
+    calls = []
+
+    def dies(model, batch):
+        calls.append(1)
+        if len(calls) > n_batches:
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        grass.Attributor(_model(), dies, grass.SJLT(k=8), store=path, batch_size=5,
+                         progress=False, damping=0.3).cache(_data())
+
+
 def _no_fisher(*args, **kwargs):
     raise AssertionError("the Fisher was recomputed from the store's rows")
 
@@ -71,17 +86,7 @@ def test_curvature_is_saved_once_and_reused(tmp_path, monkeypatch):
 
 def test_resumed_store_has_the_same_curvature(tmp_path):
     _built(tmp_path / "whole")
-    calls = []
-
-    def dies(model, batch):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return _loss(model, batch)
-
-    with pytest.raises(KeyboardInterrupt):
-        grass.Attributor(_model(), dies, grass.SJLT(k=8), store=tmp_path / "resumed",
-                         batch_size=5, progress=False, damping=0.3).cache(_data())
+    _kill_after(2, tmp_path / "resumed")
     _built(tmp_path / "resumed")
     whole, resumed = _snapshot(tmp_path / "whole"), _snapshot(tmp_path / "resumed")
     for name in ("rows.bin", *sorted(os.listdir(tmp_path / "whole" / "arrays"))):
@@ -129,17 +134,7 @@ def test_load_refuses_what_differs_and_writes_nothing(tmp_path):
 
 
 def test_load_refuses_an_incomplete_index(tmp_path):
-    calls = []
-
-    def dies(model, batch):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return _loss(model, batch)
-
-    with pytest.raises(KeyboardInterrupt):
-        grass.Attributor(_model(), dies, grass.SJLT(k=8), store=tmp_path / "idx", batch_size=5,
-                         progress=False).cache(_data())
+    _kill_after(1, tmp_path / "idx")
     with pytest.raises(ValueError, match=r"incomplete \(rows \[\(5, 24\)\] missing\)"):
         grass.Attributor.load(tmp_path / "idx", _model(), _loss)
 
