@@ -149,6 +149,7 @@ class Attributor:
             "layers": [[s.name, s.d_out, s.d_in, s.bias] for s in shapes.values()],
         }
         self.store: GradientStore | None = None
+        self._fishers: dict[str, torch.Tensor] | None = None  # per-layer Fisher (k_l, k_l)
         self._scorer: Scorer | None = None
 
     # -- features ------------------------------------------------------------------------------
@@ -224,19 +225,18 @@ class Attributor:
 
     def _attach(self, store: GradientStore) -> None:
         """Score against the complete ``store``: its curvature is read from the store, or
-        computed once from its rows and saved there for every later Attributor."""
+        computed once from its rows and saved there for every later Attributor. The damped
+        factorisation waits for the first score (a build that only indexes never needs it)."""
+        self._fishers = None
         if self.hessian == "efim":
-            fishers = curvature.load_fisher(store, self.hessian)
-            if fishers is None:
-                fishers = distributed.fisher(store, self.chunk_size, self.device)
+            self._fishers = curvature.load_fisher(store, self.hessian)
+            if self._fishers is None:
+                self._fishers = distributed.fisher(store, self.chunk_size, self.device)
                 if not distributed.active() or torch.distributed.get_rank() == 0:
-                    curvature.save_fisher(store, self.hessian, fishers, self.damping)
+                    curvature.save_fisher(store, self.hessian, self._fishers, self.damping)
                 distributed.barrier()
-            precondition = Preconditioner.efim(fishers, store.offsets, self.damping)
-        else:
-            precondition = Preconditioner.identity(store.offsets)
         self.store = store
-        self._scorer = distributed.scorer(store, precondition, self.chunk_size)
+        self._scorer = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, loss_fn, *,
@@ -313,6 +313,11 @@ class Attributor:
         return self._scorer_checked().self_influence(per_layer=per_layer)
 
     def _scorer_checked(self) -> Scorer:
-        if self._scorer is None:
+        if self.store is None:
             raise RuntimeError("call cache(train_data) before scoring")
+        if self._scorer is None:
+            offsets = self.store.offsets
+            precondition = (Preconditioner.identity(offsets) if self._fishers is None else
+                            Preconditioner.efim(self._fishers, offsets, self.damping))
+            self._scorer = distributed.scorer(self.store, precondition, self.chunk_size)
         return self._scorer
