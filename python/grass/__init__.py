@@ -20,7 +20,7 @@ from .compressors import (
     RandomMask,
     SelectiveMask,
 )
-from . import tasks
+from . import hf, tasks
 from .lds import lds
 from .store import GradientStore
 
@@ -38,6 +38,7 @@ __all__ = [
     "LoGra",
     "RandomMask",
     "SelectiveMask",
+    "hf",
     "lds",
     "tasks",
 ]
