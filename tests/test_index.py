@@ -84,6 +84,20 @@ def test_curvature_is_saved_once_and_reused(tmp_path, monkeypatch):
     assert not torch.allclose(other.attribute(test), first.attribute(test))
 
 
+def test_fisher_larger_than_its_rows_is_rebuilt_from_them(tmp_path):
+    attr = grass.Attributor(_model(), _loss, grass.SJLT(k=8), store=tmp_path / "idx",
+                            progress=False)
+    attr.cache(_data(6))  # 6 rows, both layers compressed to k = 8 > 6
+    arrays = sorted(os.listdir(tmp_path / "idx" / "arrays"))
+    assert "efim.0.bin" not in arrays and "efim.2.bin" not in arrays and "efim.rows.bin" in arrays
+    test = _data(3, seed=8)
+    loaded = grass.Attributor.load(tmp_path / "idx", _model(), _loss, progress=False)
+    torch.testing.assert_close(loaded.attribute(test), attr.attribute(test))
+    rows = attr.store.read(0, 6)
+    for name, (s, e) in attr.store.offsets.items():
+        torch.testing.assert_close(loaded._fishers[name], rows[:, s:e].T @ rows[:, s:e] / 6)
+
+
 def test_resumed_store_has_the_same_curvature(tmp_path):
     _built(tmp_path / "whole")
     _kill_after(2, tmp_path / "resumed")

@@ -229,7 +229,8 @@ class Attributor:
         factorisation waits for the first score (a build that only indexes never needs it)."""
         self._fishers = None
         if self.hessian == "efim":
-            self._fishers = curvature.load_fisher(store, self.hessian)
+            self._fishers = curvature.load_fisher(store, self.hessian, self.chunk_size,
+                                                  self.device)
             if self._fishers is None:
                 self._fishers = distributed.fisher(store, self.chunk_size, self.device)
                 if not distributed.active() or torch.distributed.get_rank() == 0:
@@ -257,7 +258,7 @@ class Attributor:
         config = saved.config
         if compressor is None:
             compressor = compressor_from_config(config.get("compressor", {}))
-        kinds = [h for h in HESSIANS if curvature.load_fisher(saved, h) is not None]
+        kinds = [h for h in HESSIANS if curvature.has_fisher(saved, h)]
         options.setdefault("hessian", kinds[0] if kinds else "identity")
         if "damping" not in options and kinds and options["hessian"] == kinds[0]:
             options["damping"] = curvature.saved_damping(saved, kinds[0])

@@ -128,23 +128,42 @@ def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "") -> tor
 # -- kept with the store -----------------------------------------------------------------------
 # Arrays of a store, per hessian kind h: "h.<layer>" the Fisher F_l (k_l, k_l) fp32, "h.damping"
 # the damping in use when it was computed, and last "h.rows" the row count it covers (its presence
-# marks a complete save).
+# marks a complete save). A layer with k_l >= n_rows has no array: its n_rows x k_l columns of the
+# store are fewer values than F_l, so F_l is rebuilt from them when the store is opened.
 def save_fisher(store, hessian: str, fishers: Mapping[str, torch.Tensor], damping: float) -> None:
     """Save per-layer Fishers (name -> (k_l, k_l)) of all ``store.n_rows`` rows with the store."""
     for name, mat in fishers.items():
-        store.save_array(f"{hessian}.{name}", mat.float())
+        if store.layers[name] < store.n_rows:
+            store.save_array(f"{hessian}.{name}", mat.float())
     store.save_array(f"{hessian}.damping", torch.tensor(float(damping), dtype=torch.float64))
     store.save_array(f"{hessian}.rows", torch.tensor(store.n_rows, dtype=torch.int64))
 
 
-def load_fisher(store, hessian: str) -> dict[str, torch.Tensor] | None:
-    """The per-layer Fishers saved with ``store`` for ``hessian``, or None when there are none
-    covering all of its rows."""
-    if not store.has_array(f"{hessian}.rows"):
+def has_fisher(store, hessian: str) -> bool:
+    """Whether ``store`` holds the Fisher of all its rows for ``hessian``."""
+    return (store.has_array(f"{hessian}.rows")
+            and int(store.load_array(f"{hessian}.rows")) == store.n_rows)
+
+
+def load_fisher(store, hessian: str, chunk_size: int = DEFAULT_CHUNK,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor] | None:
+    """The per-layer Fishers (name -> (k_l, k_l) fp32, CPU) saved with ``store`` for
+    ``hessian``, layers without an array rebuilt from their columns on ``device``; None when the
+    store holds none covering all of its rows."""
+    if not has_fisher(store, hessian):
         return None
-    if int(store.load_array(f"{hessian}.rows")) != store.n_rows:
-        return None
-    return {name: store.load_array(f"{hessian}.{name}") for name in store.layers}
+    out = {}
+    for name, k in store.layers.items():
+        if k < store.n_rows:
+            out[name] = store.load_array(f"{hessian}.{name}")
+            continue
+        mat = torch.zeros(k, k, device=device)
+        for start in range(0, store.n_rows, chunk_size):
+            block = store.read(start, min(start + chunk_size, store.n_rows), layer=name)
+            block = block.to(device)
+            mat.addmm_(block.T, block)
+        out[name] = mat.cpu() / store.n_rows
+    return out
 
 
 def saved_damping(store, hessian: str) -> float:
