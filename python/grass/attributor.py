@@ -229,13 +229,15 @@ class Attributor:
         factorisation waits for the first score (a build that only indexes never needs it)."""
         self._fishers = None
         if self.hessian == "efim":
-            self._fishers = curvature.load_fisher(store, self.hessian, self.chunk_size,
-                                                  self.device)
-            if self._fishers is None:
+            curvature.check_efim_sizes(store.layers)
+        if self.hessian == "efim" and not curvature.has_fisher(store, self.hessian):
+            # Layers with k_l >= n_rows are rebuilt from their rows when scoring starts: a
+            # store where every layer is such needs nothing computed now.
+            if any(k < store.n_rows for k in store.layers.values()):
                 self._fishers = distributed.fisher(store, self.chunk_size, self.device)
-                if not distributed.active() or torch.distributed.get_rank() == 0:
-                    curvature.save_fisher(store, self.hessian, self._fishers, self.damping)
-                distributed.barrier()
+            if not distributed.active() or torch.distributed.get_rank() == 0:
+                curvature.save_fisher(store, self.hessian, self._fishers or {}, self.damping)
+            distributed.barrier()
         self.store = store
         self._scorer = None
 
@@ -318,6 +320,9 @@ class Attributor:
             raise RuntimeError("call cache(train_data) before scoring")
         if self._scorer is None:
             offsets = self.store.offsets
+            if self.hessian == "efim" and self._fishers is None:
+                self._fishers = curvature.load_fisher(self.store, self.hessian, self.chunk_size,
+                                                      self.device)
             precondition = (Preconditioner.identity(offsets) if self._fishers is None else
                             Preconditioner.efim(self._fishers, offsets, self.damping))
             self._scorer = distributed.scorer(self.store, precondition, self.chunk_size)

@@ -29,12 +29,7 @@ def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
     fp32 on ``device`` (default CPU), unnormalised so that sums over disjoint row ranges add up
     (grass.distributed all-reduces them). 2 k_l^2 flops per row and layer: for hundreds of
     layers at k_l = 4096 a GPU rank does them far faster than its host."""
-    too_big = {name: k for name, k in store.layers.items() if k > MAX_EFIM_K}
-    if too_big:
-        raise ValueError(
-            f"hessian='efim' needs a k_l x k_l matrix per layer, at most k_l = {MAX_EFIM_K}; "
-            f"layers {too_big} are larger: compress them or use hessian='identity'"
-        )
+    check_efim_sizes(store.layers)
     mats = {name: torch.zeros(k, k, device=device) for name, k in store.layers.items()}
     first, last = rows
     for row in range(first, last, chunk_size):
@@ -43,6 +38,16 @@ def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
             block = chunk[:, start:stop].float()
             mats[name].addmm_(block.T, block)
     return mats
+
+
+def check_efim_sizes(layers: Mapping[str, int]) -> None:
+    """Raise ValueError when a layer's k_l x k_l Fisher would pass ``MAX_EFIM_K``."""
+    too_big = {name: k for name, k in layers.items() if k > MAX_EFIM_K}
+    if too_big:
+        raise ValueError(
+            f"hessian='efim' needs a k_l x k_l matrix per layer, at most k_l = {MAX_EFIM_K}; "
+            f"layers {too_big} are larger: compress them or use hessian='identity'"
+        )
 
 
 class Preconditioner:
