@@ -20,6 +20,7 @@ from .compressors import (
     RandomMask,
     SelectiveMask,
 )
+from . import hf, tasks
 from .ensemble import Ensemble
 from .lds import lds
 from .store import GradientStore
@@ -39,5 +40,7 @@ __all__ = [
     "LoGra",
     "RandomMask",
     "SelectiveMask",
+    "hf",
     "lds",
+    "tasks",
 ]

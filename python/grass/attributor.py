@@ -4,13 +4,10 @@
     attr.cache(train_data)                  # features -> GradientStore, per-layer Fisher
     scores = attr.attribute(test_data)      # (n_test, n_train)
 
-Data (``train_data`` / ``test_data``) may be:
-    * a tuple or list of tensors with equal first dimension: batches are tuples of slices;
-    * a dict of such tensors (e.g. input_ids, attention_mask, labels): batches are dicts;
-    * a single tensor: batches are slices of it;
-    * a torch Dataset: batches are ``default_collate`` of ``batch_size`` items, in order;
-    * a DataLoader that does not shuffle: its own batches, in order.
-Rows of the store follow the data's order. ``loss_fn(model, batch)`` returns (B,) per-example
+Data (``train_data`` / ``test_data``) may be columns (a tensor, or a tuple/list/dict of
+tensors), a map-style torch or Hugging Face Dataset, or batches (a list of batch tuples/dicts, a
+generator, an IterableDataset, a DataLoader that does not shuffle): ``grass.batches`` gives the
+rule that tells them apart. Rows of the store follow the data's order. ``loss_fn(model, batch)`` returns (B,) per-example
 losses. A dict batch's ``"token_mask"`` (else ``"attention_mask"``) marks the real tokens; layers
 whose inputs are (B, T, d) with the batch's T ignore the masked tokens.
 """
@@ -18,19 +15,19 @@ whose inputs are (B, T, d) with the batch's T ignore the masked tokens.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import os
-from collections.abc import Mapping
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
 from tqdm.auto import tqdm
 
+from .batches import Source, overlaps, to_device, token_mask
 from .capture import Capture, LayerSpec, layer_shape, select_layers
-from .compressors import Compressor, FactGraSS
-from . import distributed, fisher
+from . import curvature, distributed, fisher
+from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
 from .scoring import Scorer
 from .store import GradientStore
@@ -66,122 +63,18 @@ def _model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-# -- data --------------------------------------------------------------------------------------
-def _members(data) -> list:
-    """The tensors (or other items) a batch or data set is made of, in order."""
-    if isinstance(data, Mapping):
-        return list(data.values())
-    if isinstance(data, (tuple, list)):
-        return list(data)
-    return [data]
+def _is_store(path: str | os.PathLike) -> bool:
+    return os.path.exists(os.path.join(os.fspath(path), "manifest.json"))
 
 
-def _leading_tensor(batch) -> torch.Tensor | None:
-    """The first tensor of a (nested) batch: its first dimension is the batch size."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (Mapping, tuple, list)):
-        for member in _members(batch):
-            found = _leading_tensor(member)
-            if found is not None:
-                return found
-    return None
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _token_mask(batch) -> torch.Tensor | None:
-    if isinstance(batch, Mapping):
-        for key in ("token_mask", "attention_mask"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    return None
-
-
-class _Source:
-    """A data set as ordered batches: ``n`` rows, ``batches(plan)`` yields (start, batch)."""
-
-    def __init__(self, data, batch_size: int, name: str):
-        self.batch_size = batch_size
-        self.loader: DataLoader | None = None
-        self.dataset: Dataset | None = None
-        self.tensors = None
-        if isinstance(data, DataLoader):
-            if not isinstance(data.sampler, SequentialSampler):
-                raise ValueError(
-                    f"{name} is a DataLoader that reorders its data ({type(data.sampler).__name__}"
-                    "); rows are stored in data order: pass shuffle=False"
-                )
-            self.loader = data
-            self.n = len(data.dataset)
-        elif isinstance(data, (torch.Tensor, tuple, list, Mapping)):
-            members = _members(data)
-            if not members or not all(isinstance(t, torch.Tensor) for t in members):
-                raise TypeError(
-                    f"{name} as a tuple, list or dict must hold tensors; got "
-                    f"{[type(t).__name__ for t in members]}"
-                )
-            sizes = {t.shape[0] if t.dim() else -1 for t in members}
-            if len(sizes) != 1 or -1 in sizes:
-                raise ValueError(f"{name}'s tensors must share their first dimension; got {sizes}")
-            self.tensors = data
-            self.n = sizes.pop()
-        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
-            self.dataset = data
-            self.n = len(data)
-        else:
-            raise TypeError(
-                f"{name} must be a Dataset, a DataLoader, a tensor, or a tuple/list/dict of "
-                f"tensors; got {type(data).__name__}"
-            )
-        if self.n == 0:
-            raise ValueError(f"{name} is empty: it must hold at least one example")
-
-    def _slice(self, start: int, stop: int):
-        data = self.tensors
-        if isinstance(data, torch.Tensor):
-            return data[start:stop]
-        if isinstance(data, Mapping):
-            return {k: v[start:stop] for k, v in data.items()}
-        return type(data)(t[start:stop] for t in data)
-
-    def batches(self, wanted: list[tuple[int, int]]) -> Iterator[tuple[int, object]]:
-        """(start, batch) for every batch that overlaps a ``wanted`` row range."""
-        def needed(start, stop):
-            return any(a < stop and start < b for a, b in wanted)
-
-        if self.loader is not None:
-            start = 0
-            for batch in self.loader:
-                lead = _leading_tensor(batch)
-                if lead is None:
-                    raise TypeError("DataLoader batches must contain tensors")
-                stop = start + lead.shape[0]
-                if needed(start, stop):
-                    yield start, batch
-                start = stop
-            return
-        for start in range(0, self.n, self.batch_size):
-            stop = min(self.n, start + self.batch_size)
-            if not needed(start, stop):
-                continue
-            if self.tensors is not None:
-                yield start, self._slice(start, stop)
-            else:
-                yield start, default_collate([self.dataset[i] for i in range(start, stop)])
-
-
-def _overlaps(ranges: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
-    """The parts of ``ranges`` inside [start, stop)."""
-    return [(max(a, start), min(b, stop)) for a, b in ranges if a < stop and start < b]
+def _check_fisher_loss_fn(fisher_loss_fn) -> None:
+    """hessian="fisher" computes its curvature with ``fisher_loss_fn``: refuse a missing one."""
+    if not callable(fisher_loss_fn):
+        raise ValueError(
+            "hessian='fisher' needs fisher_loss_fn=f with f(model, batch, generator) -> (B,) "
+            "per-example losses at targets sampled from the model's predictions with "
+            f"generator; got fisher_loss_fn={fisher_loss_fn!r} (or use hessian='efim')"
+        )
 
 
 def _dampings(damping, absolute_damping) -> tuple[float, float]:
@@ -264,12 +157,8 @@ class Attributor:
         if hessian not in HESSIANS:
             raise ValueError(f"hessian must be one of {HESSIANS}; got {hessian!r}")
         damping, absolute_damping = _dampings(damping, absolute_damping)
-        if hessian == "fisher" and not callable(fisher_loss_fn):
-            raise ValueError(
-                "hessian='fisher' needs fisher_loss_fn=f with f(model, batch, generator) -> (B,) "
-                "per-example losses at targets sampled from the model's predictions with "
-                f"generator; got fisher_loss_fn={fisher_loss_fn!r} (or use hessian='efim')"
-            )
+        if hessian == "fisher" and store is None:
+            _check_fisher_loss_fn(fisher_loss_fn)
         if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
             raise ValueError(f"fisher_samples must be a positive int; got {fisher_samples!r}")
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
@@ -305,39 +194,63 @@ class Attributor:
             "layers": [[s.name, s.d_out, s.d_in, s.bias] for s in shapes.values()],
         }
         self.store: GradientStore | None = None
+        self._fishers: dict[str, torch.Tensor] | None = None  # per-layer Fisher (k_l, k_l)
         self._scorer: Scorer | None = None
 
     # -- features ------------------------------------------------------------------------------
-    def _compute(self, source: _Source, wanted, sink: Callable[[int, torch.Tensor], None],
+    def _compute(self, source: Source, wanted, sink: Callable[[int, torch.Tensor], None],
                  desc: str) -> None:
-        """Capture every batch overlapping ``wanted`` and pass (start, features) to ``sink``."""
-        total = sum(b - a for a, b in wanted)
+        """Capture every batch overlapping ``wanted`` (all rows when None) and pass
+        (start, features) to ``sink``."""
+        total = source.n if wanted is None else sum(b - a for a, b in wanted)
         bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
         with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
             for start, batch in source.batches(wanted):
-                batch = _to_device(batch, self.device)
-                out = capture.features(batch, self.loss_fn, _token_mask(batch), first_row=start)
+                batch = to_device(batch, self.device)
+                out = capture.features(batch, self.loss_fn, token_mask(batch), first_row=start)
                 sink(start, out)
-                bar.update(sum(b - a for a, b in _overlaps(wanted, start, start + out.shape[0])))
+                stop = start + out.shape[0]
+                bar.update(stop - start if wanted is None else
+                           sum(b - a for a, b in overlaps(wanted, start, stop)))
 
     def features(self, data) -> Features:
         """Compressed gradients of ``data`` (any accepted form): Features (n, width)."""
-        source = _Source(data, self.batch_size, "data")
-        values = torch.empty(source.n, sum(self.layer_sizes.values()))
+        parts: list[torch.Tensor] = []
+        self._compute(Source(data, self.batch_size, "data"), None,
+                      lambda start, out: parts.append(out.cpu().clone()), "grass features")
+        return Features(torch.cat(parts), self.config)
 
-        def keep(start: int, out: torch.Tensor) -> None:
-            values[start:start + out.shape[0]] = out.cpu()
+    def _row_count(self, source: Source, n_rows: int | None) -> int:
+        """The number of train rows: the data's own, else ``n_rows``, else an existing store's."""
+        if n_rows is not None and (isinstance(n_rows, bool) or not isinstance(n_rows, int)
+                                   or n_rows <= 0):
+            raise ValueError(f"n_rows must be a positive int; got {n_rows!r}")
+        if source.n is not None:
+            if n_rows is not None and n_rows != source.n:
+                raise ValueError(f"n_rows={n_rows} but train_data has {source.n} rows")
+            return source.n
+        if n_rows is not None:
+            return n_rows
+        if self.store_path is not None and _is_store(self.store_path):
+            return GradientStore.load(self.store_path).n_rows
+        raise ValueError(
+            "train_data is an iterable of unknown length: pass cache(train_data, n_rows=N) so "
+            "that the store can be sized (a rerun over an existing store needs no n_rows)")
 
-        self._compute(source, [(0, source.n)], keep, "grass features")
-        return Features(values, self.config)
-
-    def cache(self, train_data) -> GradientStore:
+    def cache(self, train_data, *, n_rows: int | None = None) -> GradientStore:
         """Compute the training features into the store (only missing rows) and the curvature.
 
+        n_rows: the number of examples, needed only for an iterable of unknown length (a
+            generator) whose store does not exist yet; with an in-memory store the iterable is
+            read into a list instead.
         Under torch.distributed (torchrun) each rank computes its shard of the missing rows
         into one shared on-disk store: see ``grass.distributed``.
         """
-        source = _Source(train_data, self.batch_size, "train_data")
+        source = Source(train_data, self.batch_size, "train_data")
+        if source.n is None and n_rows is None and self.store_path is None:
+            source = Source([batch for _, batch in source.batches()], self.batch_size,
+                            "train_data")
+        source.n = self._row_count(source, n_rows)
         # grass.distributed: rank 0 creates the store first; each rank fills its shard.
         store = distributed.open_store(
             self.store_path, config=self.config, n_rows=source.n, layers=self.layer_sizes,
@@ -346,24 +259,42 @@ class Attributor:
         missing = distributed.shard(store.missing())
 
         def write(start: int, out: torch.Tensor) -> None:
-            for a, b in _overlaps(missing, start, start + out.shape[0]):
+            for a, b in overlaps(missing, start, start + out.shape[0]):
                 store.write(a, out[a - start:b - start])
 
         if missing:
             self._compute(source, missing, write, "grass cache")
         distributed.barrier()  # every rank's rows are on disk before anyone reads them
-        if self.hessian != "identity":
-            fishers = (distributed.fisher(store, self.chunk_size, self.device)
-                       if self.hessian == "efim" else self._sampled_fisher(source, store))
-            precondition = Preconditioner.efim(fishers, store.offsets, self.damping,
-                                               self.absolute_damping)
-        else:
-            precondition = Preconditioner.identity(store.offsets)
-        self.store = store
-        self._scorer = distributed.scorer(store, precondition, self.chunk_size)
+        self._attach(store, source)
         return store
 
-    def _sampled_fisher(self, source: _Source, store: GradientStore) -> dict[str, torch.Tensor]:
+    def _attach(self, store: GradientStore, source: Source | None = None) -> None:
+        """Score against the complete ``store``: its curvature is read from the store, or
+        computed once (from its rows for efim, by a sampled-target pass over ``source`` for
+        fisher) and saved there for every later Attributor. The damped factorisation waits for
+        the first score (a build that only indexes never needs it)."""
+        self._fishers = None
+        if self.hessian != "identity":
+            curvature.check_efim_sizes(store.layers)
+        if self.hessian != "identity" and not curvature.has_fisher(store, self.hessian):
+            if self.hessian == "fisher":
+                if source is None:
+                    raise ValueError(f"the index at {store.path} holds no hessian='fisher' "
+                                     "curvature: build it with cache(train_data)")
+                _check_fisher_loss_fn(self.fisher_loss_fn)
+                self._fishers = self._sampled_fisher(source, store)
+            elif any(k < store.n_rows for k in store.layers.values()):
+                # efim layers with k_l >= n_rows are rebuilt from their rows when scoring
+                # starts: a store where every layer is such needs nothing computed now.
+                self._fishers = distributed.fisher(store, self.chunk_size, self.device)
+            if not distributed.active() or torch.distributed.get_rank() == 0:
+                curvature.save_fisher(store, self.hessian, self._fishers or {},
+                                      (self.damping, self.absolute_damping))
+            distributed.barrier()
+        self.store = store
+        self._scorer = None
+
+    def _sampled_fisher(self, source: Source, store: GradientStore) -> dict[str, torch.Tensor]:
         """hessian="fisher": name -> (k_l, k_l) fp32 mean of psi psi^T over rows and draws, each
         rank summing the batches that start in its row share (see grass.fisher)."""
         first, last = distributed.own_rows(source.n)
@@ -375,8 +306,8 @@ class Attributor:
                    disable=not self.progress)
         with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
             def features(start, batch, loss_fn):
-                batch = _to_device(batch, self.device)
-                return capture.features(batch, loss_fn, _token_mask(batch), first_row=start)
+                batch = to_device(batch, self.device)
+                return capture.features(batch, loss_fn, token_mask(batch), first_row=start)
 
             own = ((start, batch) for start, batch in source.batches([(first, last)])
                    if first <= start < last)
@@ -385,6 +316,56 @@ class Attributor:
                 seed=self.seed, key=key, device=self.device, checkpoint_rows=self.chunk_size,
                 on_batch=lambda rows: bar.update(rows * draws))
         return distributed.mean_over_ranks(sums, source.n * draws)
+
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, loss_fn, *,
+             compressor: Compressor | None = None, **options) -> "Attributor":
+        """Reopen an index that ``cache`` built at ``path``, to score without the training data.
+
+        The compressor, seed, layers and store dtype come from the index; ``compressor`` is
+        needed only for trained masks (the index keeps their digest, not their values).
+        ``hessian`` defaults to the curvature saved in the index and the damping to the
+        (relative or absolute) damping recorded with it; other ``options`` (batch_size, device, chunk_size, progress) are as
+        in ``Attributor``. The curvature is read, not recomputed. Raises ValueError naming what
+        differs when ``model`` (weights, class, layers) or the options do not match the index,
+        and when the index is incomplete.
+        """
+        if not _is_store(path):
+            raise ValueError(f"path {os.fspath(path)!r} holds no grass index (no manifest.json)")
+        saved = GradientStore.load(path)
+        config = saved.config
+        if compressor is None:
+            compressor = compressor_from_config(config.get("compressor", {}))
+        kinds = [h for h in HESSIANS if curvature.has_fisher(saved, h)]
+        options.setdefault("hessian", kinds[0] if kinds else "identity")
+        if ("damping" not in options and "absolute_damping" not in options and kinds
+                and options["hessian"] == kinds[0]):
+            relative, absolute = curvature.saved_damping(saved, kinds[0])
+            if absolute:
+                options.update(damping=0.0, absolute_damping=absolute)
+            else:
+                options["damping"] = relative
+        layers = [glob.escape(name) for name, *_ in config.get("layers", [])]
+        attr = cls(model, loss_fn, compressor, layers=layers or None, seed=config.get("seed", 0),
+                   store=path, store_dtype=saved.dtype, **options)
+        differ = sorted(k for k in config.keys() | attr.config.keys()
+                        if config.get(k) != attr.config.get(k))
+        if differ:
+            details = "; ".join(f"{k}: index has {config.get(k)!r}, this model/config gives "
+                                f"{attr.config.get(k)!r}" for k in differ if k != "parameters")
+            if "parameters" in differ:
+                details = ("the model's weights differ from those the index was built with"
+                           + ("; " + details if details else ""))
+            raise ValueError(f"the index at {os.fspath(path)} was built with another model or "
+                             f"configuration: {details}")
+        if not saved.complete:
+            raise ValueError(f"the index at {os.fspath(path)} is incomplete (rows "
+                             f"{saved.missing()} missing): rerun its build to finish it")
+        store = distributed.open_store(path, config=config, n_rows=saved.n_rows,
+                                       layers=saved.layers, dtype=saved.dtype)
+        attr._attach(store)
+        return attr
 
     # -- scores --------------------------------------------------------------------------------
     def _test_values(self, test_data) -> torch.Tensor:
@@ -417,6 +398,15 @@ class Attributor:
         return self._scorer_checked().self_influence(per_layer=per_layer)
 
     def _scorer_checked(self) -> Scorer:
-        if self._scorer is None:
+        if self.store is None:
             raise RuntimeError("call cache(train_data) before scoring")
+        if self._scorer is None:
+            offsets = self.store.offsets
+            if self.hessian != "identity" and self._fishers is None:
+                self._fishers = curvature.load_fisher(self.store, self.hessian, self.chunk_size,
+                                                      self.device)
+            precondition = (Preconditioner.identity(offsets) if self._fishers is None else
+                            Preconditioner.efim(self._fishers, offsets, self.damping,
+                                                self.absolute_damping))
+            self._scorer = distributed.scorer(self.store, precondition, self.chunk_size)
         return self._scorer

@@ -378,3 +378,20 @@ class FactSJLT(Compressor):
             )
 
         return LayerMap(self.k, fn)
+
+
+def compressor_from_config(config: Mapping) -> Compressor:
+    """The compressor whose ``config()`` is ``config``; trained tables cannot be rebuilt from
+    their digest, so a config that names some raises ValueError (pass the compressor itself)."""
+    cls = globals().get(config.get("name")) if isinstance(config, Mapping) else None
+    if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+        raise ValueError(f"config does not name a grass compressor: {config!r}")
+    options = {}
+    for f in dataclasses.fields(cls):
+        kind = f.metadata.get("config")
+        if kind == "digest" and config.get(f.name) is not None:
+            raise ValueError(f"the {cls.__name__} config holds trained tables ({f.name}, digest "
+                             f"{config[f.name]}): pass the compressor with its tables")
+        if kind is None and f.name in config:
+            options[f.name] = config[f.name]
+    return cls(**options)

@@ -35,12 +35,7 @@ def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
     fp32 on ``device`` (default CPU), unnormalised so that sums over disjoint row ranges add up
     (grass.distributed all-reduces them). 2 k_l^2 flops per row and layer: for hundreds of
     layers at k_l = 4096 a GPU rank does them far faster than its host."""
-    too_big = {name: k for name, k in store.layers.items() if k > MAX_EFIM_K}
-    if too_big:
-        raise ValueError(
-            f"hessian='efim' needs a k_l x k_l matrix per layer, at most k_l = {MAX_EFIM_K}; "
-            f"layers {too_big} are larger: compress them or use hessian='identity'"
-        )
+    check_efim_sizes(store.layers)
     mats = zero_sums(store.layers, device)
     first, last = rows
     for row in range(first, last, chunk_size):
@@ -61,6 +56,16 @@ def add_outer_products(mats: Mapping[str, torch.Tensor], rows: torch.Tensor,
     for name, (start, stop) in offsets.items():
         block = rows[:, start:stop].float()
         mats[name].addmm_(block.T, block)
+
+
+def check_efim_sizes(layers: Mapping[str, int]) -> None:
+    """Raise ValueError when a layer's k_l x k_l Fisher would pass ``MAX_EFIM_K``."""
+    too_big = {name: k for name, k in layers.items() if k > MAX_EFIM_K}
+    if too_big:
+        raise ValueError(
+            f"hessian='efim' needs a k_l x k_l matrix per layer, at most k_l = {MAX_EFIM_K}; "
+            f"layers {too_big} are larger: compress them or use hessian='identity'"
+        )
 
 
 class Preconditioner:
@@ -145,3 +150,58 @@ def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "",
             stacklevel=3,
         )
     return factor
+
+
+# -- kept with the store -----------------------------------------------------------------------
+# Arrays of a store, per hessian kind h: "h.<layer>" the Fisher F_l (k_l, k_l) fp32, "h.damping"
+# the damping in use when it was computed, and last "h.rows" the row count it covers (its presence
+# marks a complete save). A layer with k_l >= n_rows has no array: its n_rows x k_l columns of the
+# store are fewer values than F_l, so F_l is rebuilt from them when the store is opened.
+def _rebuildable(store, hessian: str, name: str) -> bool:
+    """An efim layer with k_l >= n_rows is cheaper to rebuild from its rows than to save: its
+    k_l x k_l Fisher is larger than the rows themselves. Other curvatures are not in the rows."""
+    return hessian == "efim" and store.layers[name] >= store.n_rows
+
+
+def save_fisher(store, hessian: str, fishers: Mapping[str, torch.Tensor],
+                dampings: tuple[float, float]) -> None:
+    """Save per-layer Fishers (name -> (k_l, k_l)) of all ``store.n_rows`` rows with the store,
+    with the (relative, absolute) damping they were built for."""
+    for name, mat in fishers.items():
+        if not _rebuildable(store, hessian, name):
+            store.save_array(f"{hessian}.{name}", mat.float())
+    store.save_array(f"{hessian}.damping", torch.tensor([float(d) for d in dampings],
+                                                        dtype=torch.float64))
+    store.save_array(f"{hessian}.rows", torch.tensor(store.n_rows, dtype=torch.int64))
+
+
+def has_fisher(store, hessian: str) -> bool:
+    """Whether ``store`` holds the Fisher of all its rows for ``hessian``."""
+    return (store.has_array(f"{hessian}.rows")
+            and int(store.load_array(f"{hessian}.rows")) == store.n_rows)
+
+
+def load_fisher(store, hessian: str, chunk_size: int = DEFAULT_CHUNK,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor] | None:
+    """The per-layer Fishers (name -> (k_l, k_l) fp32, CPU) saved with ``store`` for
+    ``hessian``, efim layers without an array rebuilt from their columns on ``device``; None
+    when the store holds none covering all of its rows."""
+    if not has_fisher(store, hessian):
+        return None
+    out = {}
+    for name, k in store.layers.items():
+        if not _rebuildable(store, hessian, name):
+            out[name] = store.load_array(f"{hessian}.{name}")
+            continue
+        mats = zero_sums({name: k}, device)
+        for start in range(0, store.n_rows, chunk_size):
+            block = store.read(start, min(start + chunk_size, store.n_rows), layer=name)
+            add_outer_products(mats, block.to(device), {name: (0, k)})
+        out[name] = mats[name].cpu() / store.n_rows
+    return out
+
+
+def saved_damping(store, hessian: str) -> tuple[float, float]:
+    """The (relative, absolute) damping recorded with the Fisher saved for ``hessian``."""
+    relative, absolute = store.load_array(f"{hessian}.damping").tolist()
+    return relative, absolute
