@@ -117,4 +117,8 @@ def test_gpu_defaults_and_native_registrations_agree_with_the_refusals():
         assert _backend.GPU_DEFAULT[op] != "cuda", op
         assert _backend.resolve(op, torch.device("cuda"), None) == _backend.GPU_DEFAULT[op]
     for op in set(_backend.GPU_DEFAULT) - set(_backend.NO_CUDA_KERNEL):
-        assert _backend.resolve(op, torch.device("cuda"), "cuda") == "cuda"
+        if _backend.AVAILABLE.cuda_kernels:
+            assert _backend.resolve(op, torch.device("cuda"), "cuda") == "cuda"
+        else:
+            with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+                _backend.resolve(op, torch.device("cuda"), "cuda")
