@@ -55,9 +55,10 @@ def sjlt_transpose(
     return run("sjlt_transpose", backend, y.device, y, codes)
 
 
-def random_indices(d: int, k: int, *, seed: int = 0) -> torch.Tensor:
-    """A uniform random subset of [0, d) of size k: sorted int64 (k,) on the CPU."""
-    return _tables.random_indices(d, k, seed=seed)
+def random_indices(d: int, k: int, *, seed: int = 0, device=None) -> torch.Tensor:
+    """A uniform random subset of [0, d) of size k: sorted int64 (k,) on ``device`` (default
+    the CPU); the same (d, k, seed) gives the same subset on every device."""
+    return _tables.random_indices(d, k, seed=seed, device=device)
 
 
 def mask(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
