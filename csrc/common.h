@@ -1,6 +1,8 @@
 // Shared by the CPU (.cpp) and CUDA (.cu) kernels: SJLT code decoding, dtype dispatch, and the
 // argument checks every op repeats at the C++ boundary (the Python layer checks values too, but
 // an op called directly through torch.ops must still fail cleanly, never read out of bounds).
+// A wrong dtype raises TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value ValueError
+// (TORCH_CHECK_VALUE), as the Python checks do.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,20 +34,20 @@ GRASS_HD float code_sign(int32_t code) { return code >= 0 ? 1.0f : -1.0f; }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 inline void check_float(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.is_floating_point(), name, " must be a floating tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the input is on ",
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but the input is on ",
               ref.device());
 }
 
 // codes: int32 (rows, c) on ref's device.
 inline void check_codes(const at::Tensor& codes, const char* name, int64_t rows,
                         const at::Tensor& ref) {
-  TORCH_CHECK(codes.scalar_type() == at::kInt, name, " must be int32, got ", codes.scalar_type());
-  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == rows && codes.size(1) >= 1, name,
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kInt, name, " must be int32, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == rows && codes.size(1) >= 1, name,
               " must have shape (", rows, ", c), got ", codes.sizes());
   check_same_device(codes, name, ref);
 }
@@ -129,8 +131,8 @@ inline void check_ranges(std::initializer_list<RangeCheck> checks) {
 
 // indices: int64 (n) on ref's device.
 inline void check_indices(const at::Tensor& idx, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 1 && idx.numel() >= 1, name, " must be a non-empty 1-D tensor");
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.numel() >= 1, name, " must be a non-empty 1-D tensor");
   check_same_device(idx, name, ref);
 }
 
@@ -140,12 +142,12 @@ inline void check_linear(const at::Tensor& acts, const at::Tensor& grads,
   check_float(acts, "acts", 3);
   check_float(grads, "grads", 3);
   check_same_device(grads, "grads", acts);
-  TORCH_CHECK(acts.size(0) == grads.size(0) && acts.size(1) == grads.size(1),
+  TORCH_CHECK_VALUE(acts.size(0) == grads.size(0) && acts.size(1) == grads.size(1),
               "acts and grads must agree on (B, T), got ", acts.sizes(), " and ", grads.sizes());
   if (token_mask.has_value()) {
     const auto& m = *token_mask;
-    TORCH_CHECK(m.scalar_type() == at::kFloat, "token_mask must be float32");
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == acts.size(0) && m.size(1) == acts.size(1),
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "token_mask must be float32");
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == acts.size(0) && m.size(1) == acts.size(1),
                 "token_mask must have shape (B, T), got ", m.sizes());
     check_same_device(m, "token_mask", acts);
   }

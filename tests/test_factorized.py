@@ -404,5 +404,5 @@ def test_native_op_rejects_out_of_range_tables():
         ops.fact_grass(acts, grads, torch.tensor([0, 9]), idx_out, codes[:4], 16, 1.0, None, True)
     with pytest.raises(ValueError, match=r"codes must hold buckets in \[0, k = 8\)"):
         ops.fact_grass(acts, grads, idx_in, idx_out, codes, 8, 1.0, None, False)
-    with pytest.raises(RuntimeError, match=r"codes_in must have shape \(9, c\)"):
+    with pytest.raises(ValueError, match=r"codes_in must have shape \(9, c\)"):
         ops.fact_sjlt(acts, grads, codes, _tables.sjlt_codes(5, 4, 1, 0), 16, 4, None, True)

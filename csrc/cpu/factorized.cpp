@@ -22,8 +22,7 @@
 // our parallel region, where it runs single-threaded. fact_grass's product, k_o' x k_i' x
 // tokens (128 x 128 x 256 per example in the benchmarks), is most of its time; there MKL
 // packs both operands again and pays its call overhead per tile, while the panel kernel, fed
-// by the gather in its own layout, takes 0.8x MKL's time (286 vs 358 us for four examples,
-// one thread, measured with AVX-512).
+// by the gather in its own layout, skips both.
 // Parallelism: examples are split over threads; with fewer examples than threads each
 // example's tokens are split into chunks whose results are summed at the end (both the
 // copy-out and the SJLT scatter are linear, so partial results add).
@@ -53,8 +52,7 @@ constexpr int64_t kMR = 8;
 constexpr int64_t kNR = 32;
 // fact_grass's column-by-column gather walks down this many tokens at a time: a walk down a
 // whole tile (256 tokens, each row 16-57 KB at the Llama widths) touches a page per token and
-// misses the TLB; 16-token walks keep their pages and lines at hand for the next columns
-// (0.75-0.9x the gather-and-multiply time at the Llama widths, measured against whole-tile walks).
+// misses the TLB; 16-token walks keep their pages and lines at hand for the next columns.
 constexpr int64_t kGatherRows = 16;
 // fact_sjlt sketches this many tokens at once, as one fp32 vector per bucket (AVX-512 width);
 // without AVX-512 (or for strided rows) it transposes kBlock coordinates of them at a time
@@ -62,8 +60,8 @@ constexpr int64_t kGatherRows = 16;
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 64;
 // The AVX-512 sketch reads its 16 rows as 16 streams, more than the hardware prefetcher keeps
-// ahead of; it asks for each row's line this many bytes ahead, with the T2 hint: 0.85-0.9x time
-// at the Llama widths (measured; the T0 hint was slower than none, T1 or 2-4 KB no better).
+// ahead of; it asks for each row's line this many bytes ahead, with the T2 hint (into L2: the
+// rows are read once, so they should not displace the accumulators in L1).
 constexpr int64_t kSketchPrefetch = 1024;
 
 // One (B, T, d) input, read row by row into fp32, whatever its dtype and strides.
@@ -127,8 +125,8 @@ void gather_tile(const Rows& in, int64_t b, int64_t t0, int64_t rows, const int6
 // Whether gathering the columns `off` (in elements) of a row touches under half of the row's
 // cache lines. Such a sparse gather read row by row is latency-bound (one miss per column,
 // nothing for the hardware prefetcher to follow); read column by column down a tile of rows
-// (gather_tile) it is a set of constant-stride streams, which the prefetcher does follow:
-// 1.1-1.4x faster at the Llama widths, while dense rows (GPT-2 widths) are faster row by row.
+// (gather_tile) it is a set of constant-stride streams, which the prefetcher does follow;
+// dense rows are faster read row by row.
 bool sparse_columns(const Rows& in, const int64_t* off, int64_t n, int64_t d) {
   std::vector<int64_t> lines(n);
   for (int64_t j = 0; j < n; ++j) lines[j] = off[j] * in.itemsize / 64;
@@ -580,8 +578,8 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
   const int64_t d_in = acts.size(2), d_out = grads.size(2);
   for (const auto& [p, name, cols] :
        {std::tuple{&p_in, "p_in", d_in + bias}, std::tuple{&p_out, "p_out", d_out}}) {
-    TORCH_CHECK(p->scalar_type() == at::kFloat, name, " must be float32, got ", p->scalar_type());
-    TORCH_CHECK(p->dim() == 2 && p->size(1) == cols && p->size(0) >= 1, name,
+    TORCH_CHECK_TYPE(p->scalar_type() == at::kFloat, name, " must be float32, got ", p->scalar_type());
+    TORCH_CHECK_VALUE(p->dim() == 2 && p->size(1) == cols && p->size(0) >= 1, name,
                 " must have shape (k, ", cols, "), got ", p->sizes());
     check_same_device(*p, name, acts);
   }

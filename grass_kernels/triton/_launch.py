@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _checks
 
@@ -18,9 +19,9 @@ try:
 except ImportError:  # a triton without the interpreter module
     InterpretedFunction = ()
 
-# Launch parameters. No GPU was at hand to time them: they are chosen so that every kernel
-# compiles for sm_90 without register spills at 16-bit inputs (checked with ptxas -v on the
-# Triton 3.8 output, see tests/test_triton.py) and keeps whole 64-wide tiles for tl.dot.
+# Launch parameters, chosen so that every kernel compiles for sm_90 without register spills
+# at 16-bit inputs (tests/test_triton.py checks ptxas -v on the Triton output) and keeps whole
+# 64-wide tiles for tl.dot.
 # Factorized kernels: tokens per tile, the d-step of the projections, the largest tile
 # along k (tl.dot needs every dimension >= 16), and 8 warps / 2 pipeline stages (three
 # 64 x 64 fp32 tiles, two projections and the accumulator, spill from 4 warps or 3 stages).
@@ -101,6 +102,40 @@ def check_codes(name: str, codes: torch.Tensor, rows: int | None, ref: torch.Ten
     _checks.same_device(name, codes, "the input", ref)
 
 
+def check_k(k: int, codes: torch.Tensor, name: str = "k") -> None:
+    """k outputs for codes with c copies per coordinate: 1 <= c <= k (ValueError), in the words
+    of the native kernels' check."""
+    if k < 1:
+        raise ValueError(f"{name} must be positive, got {k}")
+    if codes.shape[1] > k:
+        raise ValueError(f"codes has c = {codes.shape[1]} copies per coordinate but {name} = "
+                         f"{k} (need c <= {name})")
+
+
+def check_ranges(*checks: tuple[str, torch.Tensor, int, str | None]) -> None:
+    """ValueError naming the first table with a value out of range, before any kernel reads it.
+
+    Each check is (name, values, limit, k_name): an int64 index tensor (k_name None) must lie in
+    [0, limit); an int32 SJLT table (k_name the name of its k) must decode to buckets in
+    [0, limit). One min/max reduction per table and one device-to-host copy for all of them.
+    The messages are those of the native kernels, so every backend rejects a table alike.
+    FakeTensors carry no values and are not checked.
+    """
+    live = [ch for ch in checks if ch[1].numel() > 0]
+    if not live or any(is_fake(values) for _, values, _, _ in live):
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(values)).to(torch.int64)
+                          for _, values, _, _ in live]).cpu().tolist()
+    for (name, _, limit, k_name), (lo, hi) in zip(live, bounds):
+        if k_name is not None:
+            top = max(hi, ~lo)  # the most negative code ~b holds the largest negated bucket
+            if top >= limit:
+                raise ValueError(f"{name} must hold buckets in [0, {k_name} = {limit}); found "
+                                 f"bucket {top}")
+        elif lo < 0 or hi >= limit:
+            raise ValueError(f"{name} must lie in [0, {limit}), got values in [{lo}, {hi}]")
+
+
 def check_projection(name: str, p: torch.Tensor, width: int, ref: torch.Tensor) -> None:
     """p: float (k, width) on ref's device (LoGra's P_in / P_out)."""
     check_matrix(name, p)
@@ -110,7 +145,7 @@ def check_projection(name: str, p: torch.Tensor, width: int, ref: torch.Tensor) 
 
 
 def check_index(name: str, idx: torch.Tensor, ref: torch.Tensor) -> None:
-    """idx: non-empty int64 (n,) on ref's device (values are bounds-checked in the kernel)."""
+    """idx: non-empty int64 (n,) on ref's device (values: ``check_ranges``)."""
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
         raise TypeError(f"{name} must be an int64 torch.Tensor; got "
                         f"{getattr(idx, 'dtype', type(idx).__name__)}")

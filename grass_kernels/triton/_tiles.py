@@ -19,7 +19,7 @@ def decode(code):
 
 
 @triton.jit
-def scatter_to_buckets(out_rows, vals, pos, pos_mask, mask, codes_ptr, c, k, scale):
+def scatter_to_buckets(out_rows, vals, pos, pos_mask, mask, codes_ptr, c, scale):
     """For j < c: out_rows[bucket_j(pos)] += sign_j(pos) * scale * vals, atomically.
 
     out_rows  pointers to the start of each value's output row, broadcastable with ``vals``
@@ -28,14 +28,14 @@ def scatter_to_buckets(out_rows, vals, pos, pos_mask, mask, codes_ptr, c, k, sca
 
     The atomics are relaxed: nothing reads ``out`` until the kernel ends, so no ordering is
     needed, and with the result unused ptxas emits fire-and-forget reductions (REDG in the
-    sm_90 SASS) that resolve in L2. A bucket outside [0, k) (a corrupt table passed straight to the op)
-    is dropped rather than written out of bounds.
+    sm_90 SASS) that resolve in L2. Every bucket lies in the output row: the launchers check
+    the table (``_launch.check_ranges``) before the launch.
     """
     for j in range(c):
         code = tl.load(codes_ptr + pos * c + j, mask=pos_mask, other=0)
         bucket, negative = decode(code)
         signed = tl.where(negative, -vals, vals) * scale
-        tl.atomic_add(out_rows + bucket, signed, mask=mask & (bucket < k), sem="relaxed")
+        tl.atomic_add(out_rows + bucket, signed, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def dot(a, b, acc, NATIVE: tl.constexpr):
     inputs and +-1 sign tiles; LoGra's fp32 P rounds to 16 bits (relative error ~1e-3, inside
     the 16-bit tolerance). Otherwise both operands go to fp32 with IEEE products: for fp32
     inputs (the spec allows 1e-5, TF32 would not meet it) and under the interpreter, whose
-    bf16 dot is broken (ENVIRONMENT.md).
+    bf16 dot gives wrong results.
     """
     if NATIVE:
         return tl.dot(a, b.to(a.dtype), acc)

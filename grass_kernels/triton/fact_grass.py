@@ -25,7 +25,7 @@ from ._tiles import dot, load_inputs, scatter_to_buckets
 
 @triton.jit
 def _fact_grass_kernel(acts, grads, in_indices, out_indices, codes, token_mask, out,
-                       T, d_in, d_out, n_in, n_out, k, c, scale,
+                       T, d_in, n_in, n_out, k, c, scale,
                        sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, sm_b, sm_t,
                        BIAS: tl.constexpr, HAS_MASK: tl.constexpr, NATIVE: tl.constexpr,
                        BT: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
@@ -37,12 +37,6 @@ def _fact_grass_kernel(acts, grads, in_indices, out_indices, codes, token_mask, 
     i_mask = ii < n_in
     cols_out = tl.load(out_indices + oo, mask=o_mask, other=0)
     cols_in = tl.load(in_indices + ii, mask=i_mask, other=0)
-    # Indices outside the layer (a corrupt index set passed straight to the op) read nothing.
-    width = d_in
-    if BIAS:
-        width = d_in + 1
-    o_mask &= (cols_out >= 0) & (cols_out < d_out)
-    i_mask &= (cols_in >= 0) & (cols_in < width)
     acts_cols = acts + b * sa_b + cols_in[None, :] * sa_d
     grads_cols = grads + b * sg_b + cols_out[None, :] * sg_d
     acc = tl.zeros((BO, BI), tl.float32)
@@ -63,7 +57,7 @@ def _fact_grass_kernel(acts, grads, in_indices, out_indices, codes, token_mask, 
     pos = oo[:, None] * n_in + ii[None, :]
     pos_mask = (oo < n_out)[:, None] & (ii < n_in)[None, :]
     scatter_to_buckets(out + b * k, acc, pos, pos_mask, o_mask[:, None] & i_mask[None, :],
-                       codes, c, k, scale)
+                       codes, c, scale)
 
 
 def launch(acts: torch.Tensor, grads: torch.Tensor, in_indices: torch.Tensor,
@@ -75,6 +69,10 @@ def launch(acts: torch.Tensor, grads: torch.Tensor, in_indices: torch.Tensor,
     _launch.check_index("out_indices", out_indices, acts)
     n_in, n_out = in_indices.shape[0], out_indices.shape[0]
     _launch.check_codes("codes", codes, n_in * n_out, acts)
+    _launch.check_k(k, codes)
+    _launch.check_ranges(("in_indices", in_indices, acts.shape[2] + bias, None),
+                         ("out_indices", out_indices, grads.shape[2], None),
+                         ("codes", codes, k, "k"))
     b, t, d_in = acts.shape
     c = codes.shape[1]
     in_indices, out_indices = in_indices.contiguous(), out_indices.contiguous()
@@ -87,7 +85,7 @@ def launch(acts: torch.Tensor, grads: torch.Tensor, in_indices: torch.Tensor,
     sm_b, sm_t = _launch.mask_strides(token_mask)
     wrap_triton(_fact_grass_kernel)[(b, splits, tiles)](
         acts, grads, in_indices, out_indices, codes, token_mask, out,
-        t, d_in, grads.shape[2], n_in, n_out, k, c, scale / math.sqrt(c),
+        t, d_in, n_in, n_out, k, c, scale / math.sqrt(c),
         *acts.stride(), *grads.stride(), sm_b, sm_t,
         BIAS=bias, HAS_MASK=token_mask is not None,
         NATIVE=_launch.native_dot(_fact_grass_kernel, acts, grads),

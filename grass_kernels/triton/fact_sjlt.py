@@ -44,6 +44,10 @@ def launch(acts: torch.Tensor, grads: torch.Tensor, codes_in: torch.Tensor,
     _launch.check_linear(acts, grads, token_mask)
     _launch.check_codes("codes_in", codes_in, acts.shape[2] + bias, acts)
     _launch.check_codes("codes_out", codes_out, grads.shape[2], acts)
+    _launch.check_k(k_in, codes_in, "k_in")
+    _launch.check_k(k_out, codes_out, "k_out")
+    _launch.check_ranges(("codes_in", codes_in, k_in, "k_in"),
+                         ("codes_out", codes_out, k_out, "k_out"))
     if codes_in.shape[1] != codes_out.shape[1]:
         raise ValueError(f"codes_in and codes_out must have the same c; got "
                          f"{codes_in.shape[1]} and {codes_out.shape[1]}")

@@ -38,7 +38,7 @@ def _sjlt_kernel(x, codes, out, N, D, k, c, scale, sx_n, sx_d,
     mask = row_mask[:, None] & col_mask[None, :]
     vals = tl.load(x + rows64 * sx_n + cols[None, :].to(tl.int64) * sx_d, mask=mask, other=0.0)
     scatter_to_buckets(out + rows64 * k, vals.to(tl.float32), cols[None, :], col_mask[None, :],
-                       mask, codes, c, k, scale)
+                       mask, codes, c, scale)
 
 
 @triton_op("grass_triton::sjlt", mutates_args=())
@@ -46,6 +46,8 @@ def sjlt(x: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
     """x (N, D) float, codes int32 (D, c) -> (N, k) fp32; see ``reference.sjlt``."""
     _launch.check_matrix("x", x)
     _launch.check_codes("codes", codes, x.shape[1], x)
+    _launch.check_k(k, codes)
+    _launch.check_ranges(("codes", codes, k, "k"))
     n, d = x.shape
     c = codes.shape[1]
     codes = codes.contiguous()

@@ -19,7 +19,7 @@ from ._tiles import decode
 
 
 @triton.jit
-def _sjlt_transpose_kernel(y, codes, out, N, D, k, c, scale, sy_n, sy_k,
+def _sjlt_transpose_kernel(y, codes, out, N, D, c, scale, sy_n, sy_k,
                            BN: tl.constexpr, BD: tl.constexpr):
     cols = tl.program_id(0) * BD + tl.arange(0, BD)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -30,9 +30,8 @@ def _sjlt_transpose_kernel(y, codes, out, N, D, k, c, scale, sy_n, sy_k,
     for j in range(c):
         code = tl.load(codes + cols * c + j, mask=col_mask, other=0)
         bucket, negative = decode(code)
-        # A bucket outside [0, k) (a corrupt table) reads nothing rather than out of bounds.
         vals = tl.load(y + rows64 * sy_n + bucket[None, :].to(tl.int64) * sy_k,
-                       mask=mask & (bucket < k)[None, :], other=0.0).to(tl.float32)
+                       mask=mask, other=0.0).to(tl.float32)
         acc += tl.where(negative[None, :], -vals, vals)
     tl.store(out + rows64 * D + cols[None, :], acc * scale, mask=mask)
 
@@ -42,6 +41,8 @@ def sjlt_transpose(y: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """y (N, k) float, codes int32 (D, c) -> (N, D) fp32; see ``reference.sjlt_transpose``."""
     _launch.check_matrix("y", y)
     _launch.check_codes("codes", codes, None, y)
+    _launch.check_k(y.shape[1], codes)
+    _launch.check_ranges(("codes", codes, y.shape[1], "k"))
     n, k = y.shape
     d, c = codes.shape
     codes = codes.contiguous()
@@ -50,7 +51,7 @@ def sjlt_transpose(y: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         return out
     grid, bn, bd = _launch.flat_grid(n, d)
     wrap_triton(_sjlt_transpose_kernel)[grid](
-        y, codes, out, n, d, k, c, 1.0 / math.sqrt(c), y.stride(0), y.stride(1),
+        y, codes, out, n, d, c, 1.0 / math.sqrt(c), y.stride(0), y.stride(1),
         BN=bn, BD=bd, num_warps=_launch.FLAT_WARPS,
     )
     return out
