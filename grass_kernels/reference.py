@@ -2,8 +2,8 @@
 
 Each function has exactly the signature of the registered op of the same name
 (``torch.ops.grass_kernels.<name>``), takes already-checked arguments and materialised tables,
-and computes in fp32. They favour plainness over speed; benchmarks use them as the torch
-baseline only where the issue says so.
+and computes in fp32. They favour plainness over speed; benchmarks name the torch baseline
+they compare against.
 
 Conventions (shapes):
     x        (N, D)        any float dtype

@@ -2,16 +2,14 @@
 // Semantics: grass_kernels/reference.py. Inputs fp32/bf16/fp16 (fp64 compiles too), fp32
 // accumulation and output, 64-bit offsets into x everywhere.
 //
-// Why the kernels look like this (N = 32, D = 1e6, k = 4096 on the 2-core dev machine; it was
-// shared while these were measured, so the figures below are rough; bench/flat.py has the table):
+// Why the kernels look like this (bench/README.md has the measurements behind each choice):
 // - SJLT is a scatter-add: one pass over x plus one 4-byte table load per (coordinate, copy).
 //   Rows are taken kLanes = 8 at a time and their 8 values of one coordinate form one vector:
 //   one table load and decode, and one 32-byte read-modify-write of an accumulator laid out
-//   (bucket, lane), serve 8 rows. A first version with row-major (row, bucket) accumulators and
-//   a scalar add per row ran ~1.2x slower.
-// - The 8-row vectors are built with 8 vector loads and an 8 x 8 register transpose; building
-//   them element by element cost ~1.7x more in total (bf16, one thread). With this, one thread
-//   spends ~2.5x the CPU time of x.sum() at c = 1 (~4x at c = 4).
+//   (bucket, lane), serve 8 rows, where row-major (row, bucket) accumulators would need a
+//   scalar add per row.
+// - The 8-row vectors are built with 8 vector loads and an 8 x 8 register transpose rather
+//   than element by element.
 // - The table is shared by all rows: when it does not fit in L2, a thread sweeps a tile of
 //   kTile coordinates for all its row groups before moving on, so each group reads the tile
 //   from L1/L2 instead of the whole table from L3/DRAM (160 MB at D = 1e7, c = 4).
@@ -22,8 +20,8 @@
 //   1 / sqrt(c) (and grass's mask scale) is applied once to the k outputs.
 // - grass gathers k' masked columns: at D = 1e6, k' = 16384 that is a cache miss per element,
 //   and it costs about what index_select's gather costs (mask-then-sjlt pays that gather plus
-//   a write and re-read of (N, k')). Software prefetching 8 or 32 coordinates ahead did not
-//   change its time, so there is none.
+//   a write and re-read of (N, k')). Software prefetching does not shorten it, so there is
+//   none.
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -144,8 +142,8 @@ void scatter_group(const scalar_t* const (&rows)[kLanes], Lanes* __restrict__ ac
   const int64_t c = C > 0 ? C : c_runtime;
   int64_t m = lo;
   if constexpr (std::is_same_v<Cols, Identity>) {
-    // Adjacent columns: kLanes vector loads and a transpose give kLanes coordinates' lanes
-    // (building lanes element by element cost 3x more than the scatter itself).
+    // Adjacent columns: kLanes vector loads and a transpose give kLanes coordinates' lanes,
+    // far cheaper than building the lanes element by element.
     for (; m + kLanes <= hi; m += kLanes) {
       Lanes v[kLanes];
       for (int r = 0; r < kLanes; ++r) v[r] = load_lanes(rows[r] + m);
