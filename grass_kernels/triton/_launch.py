@@ -1,9 +1,10 @@
 """Host-side helpers shared by the Triton launchers: argument checks at the op boundary, the
 choice of tile sizes, and how many programs share one example's tokens.
 
-The public ops (``grass_kernels.flat`` / ``factorized``) check values; the checks here are the
-structural ones that keep a direct ``torch.ops.grass_triton`` call from reading out of bounds
-(the same set as ``csrc/common.h``), and they run on FakeTensors too.
+The checks here are the set the native kernels make at their boundary, with the same exception
+classes: dtypes, shapes and devices (which run on FakeTensors too), and the range of every
+table and index set (``check_ranges``, with the native kernels' messages), so a direct
+``torch.ops.grass_triton`` call never reads or writes out of bounds.
 """
 
 from __future__ import annotations
