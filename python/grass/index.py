@@ -34,6 +34,9 @@ MANIFEST_FILE = "approx_index.json"
 KINDS = ("auto", "flat", "ivf", "hnsw")
 # kind="auto": exact inner-product search (IndexFlatIP) up to this many rows, IVF above.
 FLAT_MAX_ROWS = 50_000
+# IVF: rows of the k-means training sample per list (FAISS warns below 39), spread over the
+# store in TRAIN_PIECES runs of consecutive rows.
+TRAIN_ROWS_PER_LIST, TRAIN_PIECES = 40, 64
 INSTALL_HINT = "pip install faiss-cpu  (or: pip install 'grass-kernels[index]')"
 INDEX_VERSION = 1
 
@@ -78,15 +81,25 @@ def identity(store, hessian: str, dampings: tuple[float, float]) -> dict:
     }
 
 
-def whiten(precondition: Preconditioner, rows: torch.Tensor) -> torch.Tensor:
-    """(m, width) fp32 rows -> (m, width) fp32 L_l^{-1} phi_l per layer (rows unchanged for
-    hessian="identity"), so that inner products of whitened rows are the scores."""
+def whitening_factors(precondition: Preconditioner) -> dict[str, torch.Tensor] | None:
+    """name -> fp32 (k_l, k_l) lower Cholesky factor L_l of the damped curvature (None for
+    hessian="identity"). fp32 suffices: the index only proposes candidates, which are then
+    re-scored exactly."""
     if precondition.factors is None:
+        return None
+    return {name: factor.float() for name, factor in precondition.factors.items()}
+
+
+def whiten(factors: Mapping[str, torch.Tensor] | None, offsets: Mapping[str, tuple[int, int]],
+           rows: torch.Tensor) -> torch.Tensor:
+    """(m, width) fp32 rows -> (m, width) fp32 L_l^{-1} phi_l per layer (rows unchanged when
+    ``factors`` is None), so that inner products of whitened rows are the scores."""
+    if factors is None:
         return rows.float()
     out = torch.empty_like(rows, dtype=torch.float32)
-    for name, (start, stop) in precondition.offsets.items():
-        factor = precondition.factors[name]  # (k_l, k_l) fp64, lower
-        block = rows[:, start:stop].to(factor.device, torch.float64).T  # (k_l, m)
+    for name, (start, stop) in offsets.items():
+        factor = factors[name]
+        block = rows[:, start:stop].to(factor.device).T  # (k_l, m)
         solved = torch.linalg.solve_triangular(factor, block, upper=False)
         out[:, start:stop] = solved.T.to(out.device, torch.float32)
     return out
@@ -102,6 +115,7 @@ class ApproximateIndex:
     def __init__(self, faiss_index, manifest: dict):
         self.faiss_index = faiss_index
         self.manifest = manifest
+        self._factors: tuple[Preconditioner, dict | None] | None = None  # whitening, cached
 
     @property
     def dim(self) -> int:
@@ -109,7 +123,9 @@ class ApproximateIndex:
 
     def embed(self, precondition: Preconditioner, features: torch.Tensor) -> torch.Tensor:
         """(m, width) features -> (m, dim) fp32 contiguous sketched whitened rows."""
-        white = whiten(precondition, features.float())
+        if self._factors is None or self._factors[0] is not precondition:
+            self._factors = (precondition, whitening_factors(precondition))
+        white = whiten(self._factors[1], precondition.offsets, features.float())
         if self.manifest["sketched"]:
             white = grass_kernels.sjlt(white, self.dim, c=self.manifest["c"],
                                        seed=self.manifest["seed"])
@@ -147,10 +163,19 @@ def _new_faiss_index(faiss, kind: str, dim: int, n_rows: int, nlist, hnsw_m: int
         return faiss.IndexFlatIP(dim), kind, None
     if kind == "hnsw":
         return faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT), kind, None
-    # IVF: about 4 sqrt(n) lists, each trained on at least 39 rows (FAISS's own minimum).
-    nlist = nlist or max(1, min(int(4 * n_rows ** 0.5), n_rows // 39))
+    # IVF: about sqrt(n) lists, with TRAIN_ROWS_PER_LIST training rows each.
+    nlist = nlist or max(1, min(int(n_rows ** 0.5), n_rows // TRAIN_ROWS_PER_LIST))
     quantizer = faiss.IndexFlatIP(dim)
     return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT), kind, nlist
+
+
+def _training_sample(store, nlist: int) -> torch.Tensor:
+    """About TRAIN_ROWS_PER_LIST * nlist rows (fp32, (m, width)) read as TRAIN_PIECES runs
+    spread evenly over the store: the k-means sample of an IVF index, without a full pass."""
+    wanted = min(store.n_rows, TRAIN_ROWS_PER_LIST * nlist)
+    piece = -(-wanted // TRAIN_PIECES)
+    starts = torch.linspace(0, store.n_rows - piece, min(TRAIN_PIECES, -(-wanted // piece)))
+    return torch.cat([store.read(a, a + piece) for a in starts.long().tolist()])
 
 
 def build(store, precondition: Preconditioner, ident: dict, *, dim: int = 2048,
@@ -160,7 +185,8 @@ def build(store, precondition: Preconditioner, ident: dict, *, dim: int = 2048,
     """Build the index of all rows of the complete on-disk ``store`` and write it there.
 
     dim: sketch width (rows narrower than dim are indexed unsketched); kind: "flat" (exact
-    inner-product search), "ivf" (inverted lists: nlist lists, nprobe searched per query), "hnsw"
+    inner-product search), "ivf" (inverted lists: nlist lists, default sqrt(n); nprobe searched per
+    query, default nlist / 10), "hnsw"
     (graph with hnsw_m links per node), or "auto" (flat up to FLAT_MAX_ROWS rows, else ivf);
     c, seed: the sjlt map. ident: ``identity(store, ...)``, saved as the manifest.
     """
@@ -175,13 +201,8 @@ def build(store, precondition: Preconditioner, ident: dict, *, dim: int = 2048,
     chunks = range(0, store.n_rows, chunk_size)
     bar = tqdm(chunks, desc="grass index", unit="chunk", disable=not progress)
     if kind == "ivf":
-        # The coarse quantizer is trained on an evenly spread sample of at most 256 rows per list.
-        step = max(1, store.n_rows // (256 * nlist))
-        sample = torch.cat([index.embed(precondition, store.read(a, min(a + chunk_size,
-                                                                        store.n_rows))[::step])
-                            for a in range(0, store.n_rows, chunk_size)])
-        fidx.train(sample.numpy())
-        manifest["nprobe"] = fidx.nprobe = nprobe or max(1, nlist // 8)
+        fidx.train(index.embed(precondition, _training_sample(store, nlist)).numpy())
+        manifest["nprobe"] = fidx.nprobe = nprobe or max(1, nlist // 10)
     with bar:
         for start in bar:
             rows = store.read(start, min(start + chunk_size, store.n_rows))
