@@ -1,7 +1,7 @@
 """Approximate top-k (``attr.build_index`` + ``top_k(approximate=True)``): recall and latency.
 
-    .venv/bin/python -m bench.approx_index                  # digits recall + sizes 1e4, 1e5
-    .venv/bin/python -m bench.approx_index --sizes 10000 100000 1000000 --dir /big/disk
+    .venv/bin/python -m bench.approx_index     # digits + LM recall, latency at n = 1e4, 1e5
+    .venv/bin/python -m bench.approx_index --recall --sizes 10000 100000 1000000 --dir /big/disk
 
 Recall: recall@10 of the approximate top-10 against the exhaustive top-10 on the digits
 features (an MLP trained on sklearn's digits, hessian="efim"), for sketch widths and candidate
@@ -9,7 +9,7 @@ multipliers. Latency: one query against synthetic bf16 stores of n rows of width
 layers of 1024; the rows are random but low-rank plus noise, like gradients, so that a top-10
 exists to find; the timings are real), exhaustive ``top_k`` against ``top_k(approximate=True)``
 timed in interleaved rounds in this one process, with the recall@10 of the same queries.
-Writes bench/results/approx_index.md, .json and .png.
+Writes bench/results/approx_index_recall.md and approx_index_latency.md, .json and .png.
 """
 
 from __future__ import annotations
@@ -57,19 +57,41 @@ def digits_recall(workdir: Path) -> list[dict]:
         attr = grass.Attributor(model, per_example_loss, compressor, store=workdir / name,
                                 batch_size=100, progress=False)
         attr.cache((task.x_train, task.y_train))
-        test = attr.features((task.x_test, task.y_test))
-        _, exact = attr.top_k(test, K)
-        for dim in dims:
-            index = attr.build_index(dim=dim, kind="flat")
-            for candidates in (2, 5, 10):
-                _, approx = attr.top_k(test, K, approximate=True, candidates=candidates)
-                rows.append({
-                    "features": f"digits {name}", "width": attr.store.width,
-                    "dim": index.dim, "index": index.manifest["kind"],
-                    "candidates": f"{candidates} x {K}",
-                    "rows read": f"{min(candidates * K, task.n_train) / task.n_train:.1%}",
-                    f"recall@{K}": f"{recall(approx, exact):.3f}",
-                })
+        rows += recall_rows(f"digits {name}", attr, attr.features((task.x_test, task.y_test)),
+                            dims)
+    return rows
+
+
+def lm_recall(workdir: Path) -> list[dict]:
+    """The LM benchmark's full-size GPT-2 and blocks (bench/lm.py), FactGraSS features."""
+    from .lm import FULL
+    from .lm_data import load_blocks, per_example_loss, train
+
+    train_blocks, test_blocks = load_blocks(FULL.lm)
+    model = train(FULL.lm, train_blocks)
+    attr = grass.Attributor(model, per_example_loss, grass.FactGraSS(k=FULL.k),
+                            store=workdir / "lm", batch_size=FULL.lm.batch_size, progress=False)
+    attr.cache(train_blocks)
+    return recall_rows(f"LM FactGraSS(k={FULL.k})", attr, attr.features(test_blocks),
+                       (128, 256, 512))
+
+
+def recall_rows(label: str, attr: grass.Attributor, test: Features, dims) -> list[dict]:
+    """Recall@K of a flat index of each sketch width in ``dims``, for 2, 5 and 10 x K
+    candidates, against the exhaustive top-K of ``test``."""
+    _, exact = attr.top_k(test, K)
+    n, rows = attr.store.n_rows, []
+    for dim in dims:
+        index = attr.build_index(dim=dim, kind="flat")
+        for candidates in (2, 5, 10):
+            _, approx = attr.top_k(test, K, approximate=True, candidates=candidates)
+            rows.append({
+                "features": label, "train rows": n, "queries": len(test.values),
+                "width": attr.store.width, "dim": index.dim, "index": index.manifest["kind"],
+                "candidates": f"{candidates} x {K}",
+                "rows read": f"{min(candidates * K, n) / n:.1%}",
+                f"recall@{K}": f"{recall(approx, exact):.3f}",
+            })
     return rows
 
 
@@ -112,11 +134,11 @@ def synthetic_rows(basis: torch.Tensor, m: int, *, seed: int) -> torch.Tensor:
     return low + 0.1 * torch.randn(m, basis.shape[1], generator=g)
 
 
-def latency(workdir: Path, n: int, *, dim: int, candidates: int, queries: int,
+def latency(workdir: Path, n: int, *, dim: int, kind: str, candidates: int, queries: int,
             rounds: int) -> dict:
     attr = synthetic_attributor(workdir / f"synthetic_{n}", n)
     t0 = time.perf_counter()
-    index = attr.build_index(dim=dim)
+    index = attr.build_index(dim=dim, kind=kind)
     build_s = time.perf_counter() - t0
     test = synthetic_rows(synthetic_basis(0), queries, seed=12345)
     features = Features(test, attr.config)
@@ -164,42 +186,49 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ensure_malloc_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--recall", nargs="*", choices=["digits", "lm"], default=["digits", "lm"],
+                        help="real-feature recall tables (none: --recall with no names)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--kind", default="flat", help="FAISS index kind of the latency rows")
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dir", type=Path, help="where the synthetic stores go (kept)")
     parser.add_argument("--faiss-threads", type=int, default=1)
-    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--dir", type=Path, help="where the stores go (kept)")
     args = parser.parse_args()
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="grass_approx_"))
     torch.set_num_threads(2)
     faiss = require_faiss()
     # One query is too small a search to share: FAISS's OpenMP threads then wait on each other.
     faiss.omp_set_num_threads(args.faiss_threads)
-    out = {"threads": torch.get_num_threads(), "faiss threads": args.faiss_threads}
-    text = (f"torch {torch.__version__}, {out['threads']} torch threads, FAISS "
-            f"{faiss.__version__} with {args.faiss_threads} thread(s), malloc thresholds set; "
-            "the machine was shared with other jobs\n\n")
-    if not args.skip_digits:
-        out["digits"] = digits_recall(workdir)
-        text += (f"## Recall@{K} on digits features (efim, 1500 train rows, 297 queries)\n\n"
-                 + format_table(out["digits"], list(out["digits"][0])) + "\n\n")
-        print(text)
-    out["latency"] = []
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, FAISS "
+              f"{faiss.__version__} with {args.faiss_threads} thread(s), malloc thresholds set; "
+              "the machine was shared with other jobs\n\n")
+    RESULTS.mkdir(exist_ok=True)
+    if args.recall:
+        rows = []
+        for name in args.recall:
+            rows += {"digits": digits_recall, "lm": lm_recall}[name](workdir)
+        text = (f"## Recall@{K} on real features (efim, flat index of the sketches)\n\n"
+                + format_table(rows, list(rows[0])) + "\n")
+        (RESULTS / "approx_index_recall.md").write_text(
+            "# python -m bench.approx_index --sizes\n\n" + header + text)
+        print(text, flush=True)
+    rows = []
     for n in args.sizes:  # results are written after each size: a large one may not finish
-        out["latency"].append(latency(workdir, n, dim=args.dim, candidates=args.candidates,
-                                      queries=args.queries, rounds=args.rounds))
-        table = ("## One query, top-10: exhaustive vs approximate (synthetic bf16 stores, width "
-                 f"4096, median of {args.rounds} interleaved rounds)\n\n"
-                 + format_table(out["latency"], list(out["latency"][0])) + "\n")
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "approx_index.md").write_text("# python -m bench.approx_index\n\n" + text
-                                                 + table)
-        (RESULTS / "approx_index.json").write_text(json.dumps(out, indent=1))
-        plot(out["latency"], RESULTS / "approx_index.png")
-        print(table, flush=True)
+        rows.append(latency(workdir, n, dim=args.dim, kind=args.kind,
+                            candidates=args.candidates, queries=args.queries,
+                            rounds=args.rounds))
+        text = ("## One query, top-10: exhaustive vs approximate (synthetic bf16 stores, width "
+                f"4096, median of {args.rounds} interleaved rounds)\n\n"
+                + format_table(rows, list(rows[0])) + "\n")
+        (RESULTS / "approx_index_latency.md").write_text(
+            f"# python -m bench.approx_index --recall --sizes {' '.join(map(str, args.sizes))}"
+            f" --kind {args.kind} --rounds {args.rounds}\n\n" + header + text)
+        (RESULTS / "approx_index_latency.json").write_text(json.dumps(rows, indent=1))
+        plot(rows, RESULTS / "approx_index_latency.png")
+        print(text, flush=True)
 
 
 if __name__ == "__main__":

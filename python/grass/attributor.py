@@ -432,7 +432,7 @@ class Attributor:
         Rows are whitened per layer by the damped curvature, sketched to ``dim`` columns with
         sjlt (c non-zeros per coordinate, ``seed``) and indexed by FAISS: kind "flat" (exact
         search of the sketches), "ivf" (nlist inverted lists, nprobe searched per query),
-        "hnsw" (hnsw_m links per node) or "auto" (flat up to 50,000 rows, else ivf). Needs a
+        "hnsw" (hnsw_m links per node) or "auto" (flat up to 2,000,000 rows, else ivf). Needs a
         complete on-disk store and ``faiss-cpu``; returns the ApproximateIndex.
         """
         self._scorer_checked()

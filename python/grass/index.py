@@ -32,8 +32,10 @@ from .store import write_atomic
 INDEX_FILE = "approx_index.faiss"
 MANIFEST_FILE = "approx_index.json"
 KINDS = ("auto", "flat", "ivf", "hnsw")
-# kind="auto": exact inner-product search (IndexFlatIP) up to this many rows, IVF above.
-FLAT_MAX_ROWS = 50_000
+# kind="auto": exact inner-product search of the sketches (IndexFlatIP, n x dim fp32 in memory)
+# up to this many rows, IVF above (an inner-product IVF proposes fewer true top rows per
+# probed row than a flat scan: see bench/README.md).
+FLAT_MAX_ROWS = 2_000_000
 # IVF: rows of the k-means training sample per list (FAISS warns below 39), spread over the
 # store in TRAIN_PIECES runs of consecutive rows.
 TRAIN_ROWS_PER_LIST, TRAIN_PIECES = 40, 64
