@@ -225,7 +225,7 @@ def main() -> None:
                 + format_table(rows, list(rows[0])) + "\n")
         (RESULTS / "approx_index_latency.md").write_text(
             f"# python -m bench.approx_index --recall --sizes {' '.join(map(str, args.sizes))}"
-            f" --kind {args.kind} --rounds {args.rounds}\n\n" + header + text)
+            f" --dim {args.dim} --kind {args.kind} --rounds {args.rounds}\n\n" + header + text)
         (RESULTS / "approx_index_latency.json").write_text(json.dumps(rows, indent=1))
         plot(rows, RESULTS / "approx_index_latency.png")
         print(text, flush=True)
