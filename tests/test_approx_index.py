@@ -129,6 +129,16 @@ def test_changed_store_is_refused(built, tmp_path):
     shutil.copytree(path, copy)
     reopened = grass.Attributor.load(copy, _model(), _loss, progress=False)
     assert reopened._index is not None
+    # An unrelated array saved later leaves the index valid; a changed curvature does not.
+    reopened.store.save_array("notes.extra", torch.zeros(3))
+    approx_index.load(copy, reopened._index_identity())
+    layer = next(iter(reopened.store.layers))
+    fisher = reopened.store.load_array(f"efim.{layer}")
+    reopened.store.save_array(f"efim.{layer}", fisher * 2)
+    with pytest.raises(ValueError, match="rows or curvature changed"):
+        approx_index.load(copy, reopened._index_identity())
+    reopened.store.save_array(f"efim.{layer}", fisher)
+    approx_index.load(copy, reopened._index_identity())
     # Rows rewritten in place: the writer's checksum table changes with them.
     crc = next((copy / "checksums").iterdir())
     data = bytearray(crc.read_bytes())
@@ -136,6 +146,17 @@ def test_changed_store_is_refused(built, tmp_path):
     crc.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="rows or curvature changed"):
         approx_index.load(copy, reopened._index_identity())
+
+
+def test_unfinished_index_is_refused(built, tmp_path):
+    _, _, path = built
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    (copy / approx_index.MANIFEST_FILE).write_bytes(b"")  # a build killed before its manifest
+    with pytest.warns(RuntimeWarning, match="was not finished"):
+        reopened = grass.Attributor.load(copy, _model(), _loss, progress=False)
+    with pytest.raises(ValueError, match="was not finished"):
+        reopened.top_k(_data(2, seed=3), 3, approximate=True)
 
 
 def test_other_damping_is_refused(built):

@@ -53,15 +53,17 @@ def require_faiss():
     return faiss
 
 
-def store_fingerprint(store) -> str:
-    """A digest of what a store's rows and curvature are: its manifest, every writer's progress
-    record and per-block checksum table, and the metadata (with crc32) of its saved arrays.
-    Rewriting any row changes a block checksum, and gaining rows changes a progress record."""
+def store_fingerprint(store, hessian: str) -> str:
+    """A digest of what a store's rows and ``hessian`` curvature are: its manifest, every
+    writer's progress record and per-block checksum table, and the metadata (with crc32) of the
+    curvature's saved arrays (other arrays, saved later, leave it unchanged). Rewriting any row
+    changes a block checksum, and gaining rows changes a progress record."""
     digest = hashlib.blake2b(digest_size=16)
     for folder in ("", "progress", "checksums", "arrays"):
         where = os.path.join(store.path, folder)
         names = (["manifest.json"] if folder == "" else
-                 sorted(n for n in os.listdir(where) if folder != "arrays" or n.endswith(".json"))
+                 sorted(n for n in os.listdir(where) if folder != "arrays"
+                        or (n.startswith(f"{hessian}.") and n.endswith(".json")))
                  if os.path.isdir(where) else [])
         for name in names:
             with open(os.path.join(where, name), "rb") as f:
@@ -79,7 +81,7 @@ def identity(store, hessian: str, dampings: tuple[float, float]) -> dict:
         "layers": store.layers,
         "hessian": hessian,
         "damping": [float(d) for d in dampings],
-        "store_fingerprint": store_fingerprint(store),
+        "store_fingerprint": store_fingerprint(store, hessian),
     }
 
 
@@ -187,10 +189,10 @@ def build(store, precondition: Preconditioner, ident: dict, *, dim: int = 2048,
     """Build the index of all rows of the complete on-disk ``store`` and write it there.
 
     dim: sketch width (rows narrower than dim are indexed unsketched); kind: "flat" (exact
-    inner-product search), "ivf" (inverted lists: nlist lists, default sqrt(n); nprobe searched per
-    query, default nlist / 10), "hnsw"
-    (graph with hnsw_m links per node), or "auto" (flat up to FLAT_MAX_ROWS rows, else ivf);
-    c, seed: the sjlt map. ident: ``identity(store, ...)``, saved as the manifest.
+    inner-product search of the sketches), "ivf" (nlist inverted lists, default sqrt(n); nprobe
+    searched per query, default nlist / 10), "hnsw" (a graph with hnsw_m links per node), or
+    "auto" (flat up to FLAT_MAX_ROWS rows, else ivf); c, seed: the sjlt map; chunk_size: rows
+    read at a time. ident: ``identity(store, ...)``, saved as the manifest.
     """
     faiss = require_faiss()
     _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m)
@@ -229,10 +231,12 @@ def load(path: str | os.PathLike, ident: dict) -> ApproximateIndex:
     if not exists(path):
         raise ValueError(f"the store at {path} has no approximate index: build one with "
                          "attr.build_index()")
-    with open(manifest_path, "rb") as f:
-        raw = f.read()
+    raw = b""
+    if os.path.exists(manifest_path):
+        with open(manifest_path, "rb") as f:
+            raw = f.read()
     if not raw:
-        raise ValueError(f"the approximate index at {path} was not finished (empty "
+        raise ValueError(f"the approximate index at {path} was not finished (no "
                          f"{MANIFEST_FILE}): rebuild it with attr.build_index()")
     manifest = json.loads(raw)
     differ = [key for key in ident if manifest.get(key) != _json(ident[key])]
