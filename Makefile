@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 is a CUDA build that also runs on the CPU: the extension's CUDA sources are
 # compiled and linked against it even on machines without a GPU.
 TORCH ?= torch==2.14.1
-DEPS := triton==3.8.0 numpy tqdm ninja pytest pytest-benchmark scikit-learn scipy matplotlib transformers datasets
+DEPS := triton==3.8.0 numpy tqdm ninja pytest pytest-benchmark scikit-learn scipy matplotlib transformers datasets faiss-cpu
 CUDA_HOME ?= /usr/local/cuda
 # CMake is checked against the CPU wheel (find_package(Torch) of a CUDA wheel needs a full
 # CUDA toolkit with libraries, which pip's nvidia packages do not lay out for CMake).

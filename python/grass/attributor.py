@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .batches import Source, overlaps, to_device, token_mask
 from .capture import Capture, LayerSpec, layer_shape, select_layers
 from . import curvature, distributed, fisher
+from . import index as approx_index
 from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
 from .scoring import Scorer
@@ -196,6 +198,7 @@ class Attributor:
         self.store: GradientStore | None = None
         self._fishers: dict[str, torch.Tensor] | None = None  # per-layer Fisher (k_l, k_l)
         self._scorer: Scorer | None = None
+        self._index: approx_index.ApproximateIndex | None = None
 
     # -- features ------------------------------------------------------------------------------
     def _compute(self, source: Source, wanted, sink: Callable[[int, torch.Tensor], None],
@@ -293,6 +296,7 @@ class Attributor:
             distributed.barrier()
         self.store = store
         self._scorer = None
+        self._index = None
 
     def _sampled_fisher(self, source: Source, store: GradientStore) -> dict[str, torch.Tensor]:
         """hessian="fisher": name -> (k_l, k_l) fp32 mean of psi psi^T over rows and draws, each
@@ -365,6 +369,13 @@ class Attributor:
         store = distributed.open_store(path, config=config, n_rows=saved.n_rows,
                                        layers=saved.layers, dtype=saved.dtype)
         attr._attach(store)
+        if approx_index.exists(path):
+            try:
+                attr._index = approx_index.load(path, attr._index_identity())
+            except (ValueError, ImportError) as err:
+                # Exhaustive scoring still works; top_k(approximate=True) raises this again.
+                warnings.warn(f"grass: the approximate index is not used: {err}", RuntimeWarning,
+                              stacklevel=2)
         return attr
 
     # -- scores --------------------------------------------------------------------------------
@@ -387,11 +398,57 @@ class Attributor:
         return self._scorer_checked().scores(test, per_layer=per_layer, cosine=cosine,
                                    progress=self.progress)
 
-    def top_k(self, test_data, k: int = 10, *, cosine: bool = False):
-        """The k most helpful train examples per test example: (values, indices), (n_test, k)."""
+    def top_k(self, test_data, k: int = 10, *, cosine: bool = False, approximate: bool = False,
+              candidates: int = 10):
+        """The k most helpful train examples per test example: (values, indices), (n_test, k).
+
+        approximate: the index of ``build_index`` proposes ``candidates * k`` rows per test
+        example and only those rows are read from the store and scored exactly; values are
+        exact scores, but a true top-k row the index did not propose is missed. A test example
+        with fewer than k proposed rows gets -inf values and index -1 in its last places.
+        """
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int; got {k!r}")
-        return self._scorer_checked().top_k(self._test_values(test_data), k, cosine=cosine)
+        if not approximate:
+            return self._scorer_checked().top_k(self._test_values(test_data), k, cosine=cosine)
+        if cosine:
+            raise ValueError("top_k(approximate=True) scores plain preconditioned inner "
+                             "products: use cosine=False, or approximate=False for cosine")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0:
+            raise ValueError(f"candidates must be a positive int (rows proposed per wanted "
+                             f"row); got {candidates!r}")
+        precondition = self._scorer_checked().precondition
+        if self._index is None:
+            self._index = approx_index.load(self.store.path, self._index_identity())
+        test = self._test_values(test_data).float()
+        wanted = min(candidates * k, self.store.n_rows)
+        ids = self._index.search(self._index.embed(precondition, test), wanted)
+        return approx_index.rescore(self.store, precondition, test, ids, k)
+
+    def build_index(self, *, dim: int = 2048, kind: str = "auto", c: int = 1, seed: int = 0,
+                    nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32):
+        """Build the approximate index for ``top_k(approximate=True)`` into the store directory.
+
+        Rows are whitened per layer by the damped curvature, sketched to ``dim`` columns with
+        sjlt (c non-zeros per coordinate, ``seed``) and indexed by FAISS: kind "flat" (exact
+        search of the sketches), "ivf" (nlist inverted lists, nprobe searched per query),
+        "hnsw" (hnsw_m links per node) or "auto" (flat up to 2,000,000 rows, else ivf). Needs a
+        complete on-disk store and ``faiss-cpu``; returns the ApproximateIndex.
+        """
+        self._scorer_checked()
+        if self.store.path is None:
+            raise ValueError("build_index needs an on-disk store (Attributor(..., store=DIR)): "
+                             "the index is kept in the store's directory")
+        approx_index.require_faiss()
+        self._index = approx_index.build(
+            self.store, self._scorer_checked().precondition, self._index_identity(), dim=dim,
+            kind=kind, c=c, seed=seed, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+            chunk_size=self.chunk_size, progress=self.progress)
+        return self._index
+
+    def _index_identity(self) -> dict:
+        return approx_index.identity(self.store, self.hessian,
+                                     (self.damping, self.absolute_damping))
 
     def self_influence(self, *, per_layer: bool = False) -> torch.Tensor:
         """phi_i^T (F + lambda I)^{-1} phi_i per train example: (n_train,), or (L, n_train)."""
