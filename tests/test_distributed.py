@@ -99,6 +99,12 @@ def _launch(world: int, store, out, die=None) -> None:
     os.makedirs(out, exist_ok=True)
     ctx = mp.start_processes(_worker, args=(world, _free_port(), str(store), str(out), die),
                              nprocs=world, join=False, start_method="spawn")
+    _wait(ctx, world)
+
+
+def _wait(ctx, world: int) -> None:
+    """Join spawned ranks; raises ProcessExitedException if one dies, TimeoutError if they
+    hang (then every rank still alive is killed)."""
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
 from typing import Callable
 
@@ -29,6 +28,7 @@ from .capture import Capture, LayerSpec, layer_shape, select_layers
 from . import curvature, distributed, fisher
 from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
+from .fingerprint import model_fingerprint
 from .scoring import Scorer
 from .store import GradientStore
 
@@ -53,14 +53,14 @@ class Features:
     config: dict
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's parameters and buffers: features of another checkpoint differ."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def _model_class(model: nn.Module) -> str:
+    """The model's class name; for a model wrapped by FSDP2's fully_shard (whose class is a
+    generated subclass "FSDP<name>"), the wrapped class's name, so both share one store."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return type(model).__name__
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
 
 
 def _is_store(path: str | os.PathLike) -> bool:
@@ -189,8 +189,8 @@ class Attributor:
             "version": CONFIG_VERSION,
             "compressor": compressor.config(),
             "seed": seed,
-            "model": type(model).__name__,
-            "parameters": _model_fingerprint(model),
+            "model": _model_class(model),
+            "parameters": model_fingerprint(model),
             "layers": [[s.name, s.d_out, s.d_in, s.bias] for s in shapes.values()],
         }
         self.store: GradientStore | None = None
@@ -204,10 +204,17 @@ class Attributor:
         (start, features) to ``sink``."""
         total = source.n if wanted is None else sum(b - a for a, b in wanted)
         bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
+        steps = ((item, True) for item in source.batches(wanted))
+        if distributed.sharded_model(self.model):
+            # FSDP: every rank runs as many forwards as the rank with the most batches.
+            steps = distributed.lockstep(source.batches(wanted),
+                                         lambda: next(source.batches([(0, 1)])))
         with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
-            for start, batch in source.batches(wanted):
+            for (start, batch), real in steps:
                 batch = to_device(batch, self.device)
                 out = capture.features(batch, self.loss_fn, token_mask(batch), first_row=start)
+                if not real:
+                    continue
                 sink(start, out)
                 stop = start + out.shape[0]
                 bar.update(stop - start if wanted is None else

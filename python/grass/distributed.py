@@ -26,6 +26,7 @@ Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: c
 from __future__ import annotations
 
 import os
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,10 @@ from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
 from .scoring import Scorer
 from .store import GradientStore, StoreError
 
-__all__ = ["ShardedScorer", "active", "barrier", "fisher", "mean_over_ranks", "open_store",
-           "own_rows", "rank_world", "scorer", "shard", "split"]
+__all__ = ["ShardedScorer", "active", "barrier", "fisher", "lockstep", "mean_over_ranks",
+           "open_store", "own_rows", "rank_world", "scorer", "shard", "sharded_model", "split"]
+
+T = TypeVar("T")
 
 
 def active() -> bool:
@@ -77,6 +80,37 @@ def own_rows(n_rows: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of rows [0, n_rows) (possibly empty)."""
     rank, world = rank_world()
     return n_rows * rank // world, n_rows * (rank + 1) // world
+
+
+def sharded_model(model: torch.nn.Module) -> bool:
+    """True when ``model`` has parameters sharded over ranks (FSDP2's fully_shard, DTensor):
+    its forward runs collectives, so every rank must run the same number of forwards."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return active() and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def lockstep(items: Iterator[T], spare: Callable[[], T]) -> Iterator[tuple[T, bool]]:
+    """(item, real) until every rank's ``items`` are exhausted, the same number of steps on
+    every rank: a rank that has run out repeats its last item (``spare()`` if it had none) with
+    real=False, so that a sharded model's all-gathers in each forward meet their partners.
+    One all-reduce of one int per step."""
+    last = None
+    for_device = _device()
+    while True:
+        item = next(items, None)
+        more = torch.tensor([int(item is not None)], device=for_device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not int(more):
+            return
+        if item is not None:
+            last = item
+            yield item, True
+        else:
+            last = spare() if last is None else last
+            yield last, False
 
 
 def barrier() -> None:
