@@ -1,10 +1,11 @@
 """A cheap digest of a model's weights, computed where they live and invariant to sharding.
 
 Every parameter and buffer contributes its name, dtype and global shape, and two int64
-checksums of its bits, computed on its own device in bounded chunks (no host copy of the
-model): S1 = sum_j bits_j and S2 = sum_j bits_j * (j + 1) over the tensor's flat global index j,
-wrapping mod 2^64. Changing any one element changes S1 (its bit pattern differs by less than
-2^64); moving values between elements changes S2.
+checksums of its bytes, computed on its own device by two reductions (no host copy of the
+model): read as words q_j of up to 8 bytes at flat global word index j, S1 = sum_j q_j and
+S2 = sum_j (j + 1) q_j, wrapping mod 2^64. Changing any one element changes one word by a
+non-zero amount times a power of two below 2^64, so S1 changes; moving values between words
+changes S2. Integer sums are exact, so the order of summation (sharding) does not matter.
 
 A DTensor (FSDP2, tensor parallel) sums over its local shard with the global indices of that
 shard; replicated mesh dimensions count on their first coordinate only. One all-reduce (SUM)
@@ -20,9 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# Elements per chunk: bounds the int64 temporaries (8 bytes each) at 128 MB per chunk.
-_CHUNK = 1 << 24
-# Integer views of the bits of each floating dtype (same itemsize).
+# Integer types of each word width.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -62,14 +61,25 @@ def _local_part(t: torch.Tensor, reduced: bool) -> tuple[torch.Tensor, tuple[int
     return t.to_local(), tuple(offset), counts
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements as signed integers of the same width, flat."""
-    t = t.detach().contiguous().reshape(-1)
-    if t.is_complex():
-        t = torch.view_as_real(t).reshape(-1)
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
+def _word_width(global_shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes per checksum word: the widest of 8, 4, 2, 1 that divides a global row (all dims
+    but the first), so that every dim-0 shard starts on a word; from global facts only, so the
+    same on every rank and unsharded."""
+    row = itemsize
+    for size in global_shape[1:]:
+        row *= size
+    return next(w for w in (8, 4, 2, 1) if row % w == 0)
+
+
+def _words(local: torch.Tensor, width: int) -> torch.Tensor:
+    """The local tensor's bytes as a flat tensor of ``width``-byte signed integers."""
+    flat = local.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    try:
+        return flat.view(torch.uint8).view(_BITS[width])
+    except RuntimeError:  # a view whose storage offset is not word-aligned: align a copy
+        return flat.clone().view(torch.uint8).view(_BITS[width])
 
 
 def _checksums(t: torch.Tensor, reduced: bool) -> torch.Tensor:
@@ -79,23 +89,31 @@ def _checksums(t: torch.Tensor, reduced: bool) -> torch.Tensor:
     sums = torch.zeros(2, dtype=torch.int64, device=local.device)
     if not counts or local.numel() == 0:
         return sums
-    if local.dim() == 0:
-        local, offset, global_shape = local.reshape(1), (0,), (1,)
-    bits = _bits(local).reshape(local.shape)
-    # Global flat index of local element (i_0, ..., i_d): sum_d (offset_d + i_d) * stride_d.
-    strides = [1] * len(global_shape)
-    for d in range(len(global_shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * global_shape[d + 1]
-    rows = max(1, _CHUNK // max(1, local[0].numel()))
-    for start in range(0, local.shape[0], rows):
-        part = bits[start:start + rows].to(torch.int64)
-        index = torch.zeros((), dtype=torch.int64, device=local.device)
-        for d, size in enumerate(part.shape):
-            first = offset[d] + (start if d == 0 else 0)
-            axis = torch.arange(first, first + size, device=local.device) * strides[d]
-            index = index + axis.reshape([-1 if e == d else 1 for e in range(part.dim())])
-        sums[0] += part.sum()
-        sums[1] += (part * (index + 1)).sum()
+    if any(offset[1:]) or tuple(local.shape[1:]) != global_shape[1:]:
+        raise ValueError(f"the model fingerprint handles tensors sharded along dim 0 (FSDP); a "
+                         f"parameter of shape {global_shape} has a local part {tuple(local.shape)}"
+                         f" at offset {offset}: redistribute it first")
+    width = _word_width(global_shape, local.element_size())
+    words = _words(local, width)
+    row_words = words.numel() // max(1, local.shape[0]) if local.dim() else words.numel()
+    first = (offset[0] if local.dim() else 0) * row_words  # global index of the first word
+    # sum_j (first + j + 1) q_j over local word j, without a (n,) index tensor: the words as
+    # a (rows, C) matrix give sum_j j q_j = C * sum_r r R_r + sum_c c K_c from its row sums R
+    # and column sums K; the last n mod C words are weighted one by one.
+    cols = 1024
+    full = words.numel() // cols * cols
+    matrix, tail = words[:full].reshape(-1, cols), words[full:]
+    row_sums, col_sums = matrix.sum(1, dtype=torch.int64), matrix.sum(0, dtype=torch.int64)
+
+    def arange(n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.int64, device=local.device)
+
+    total = row_sums.sum() + tail.sum(dtype=torch.int64)
+    weighted = (cols * (arange(row_sums.numel()) * row_sums).sum()
+                + (arange(cols) * col_sums).sum()
+                + ((arange(tail.numel()) + full) * tail.to(torch.int64)).sum())
+    sums[0] = total
+    sums[1] = (first + 1) * total + weighted
     return sums
 
 
