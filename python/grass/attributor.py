@@ -263,16 +263,21 @@ class Attributor:
             self.store_path, config=self.config, n_rows=source.n, layers=self.layer_sizes,
             dtype=self.store_dtype,
         )
-        missing = distributed.shard(store.missing())
+        lease = distributed.lease(store)  # one writing run per store
+        try:
+            missing = distributed.shard(store.missing())
 
-        def write(start: int, out: torch.Tensor) -> None:
-            for a, b in overlaps(missing, start, start + out.shape[0]):
-                store.write(a, out[a - start:b - start])
+            def write(start: int, out: torch.Tensor) -> None:
+                for a, b in overlaps(missing, start, start + out.shape[0]):
+                    store.write(a, out[a - start:b - start])
 
-        if missing:
-            self._compute(source, missing, write, "grass cache")
-        distributed.barrier()  # every rank's rows are on disk before anyone reads them
-        self._attach(store, source)
+            if missing:
+                self._compute(source, missing, write, "grass cache")
+            distributed.barrier()  # every rank's rows are on disk before anyone reads them
+            self._attach(store, source)
+        finally:
+            if lease is not None:
+                lease.release()
         return store
 
     def _attach(self, store: GradientStore, source: Source | None = None) -> None:

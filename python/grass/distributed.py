@@ -35,8 +35,9 @@ from torch.nn import functional as F
 from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
 from .scoring import Scorer
 from .store import GradientStore, StoreError
+from .store_lock import StoreLease
 
-__all__ = ["ShardedScorer", "active", "barrier", "fisher", "lockstep", "mean_over_ranks",
+__all__ = ["ShardedScorer", "active", "barrier", "fisher", "lease", "lockstep", "mean_over_ranks",
            "open_store", "own_rows", "rank_world", "scorer", "shard", "sharded_model", "split"]
 
 T = TypeVar("T")
@@ -161,6 +162,26 @@ def open_store(path: str | os.PathLike | None, **options) -> GradientStore:
         store, error = attempt()
     _raise_any(error)
     return store
+
+
+def lease(store: GradientStore) -> StoreLease | None:
+    """The writer lease of an on-disk ``store`` (grass.store_lock), taken by rank 0 (the
+    single process without a group); another run's live lease raises StoreError on every
+    rank. None for an in-memory store and on ranks other than 0."""
+    if store.path is None:
+        return None
+    held, error = None, None
+    if rank_world()[0] == 0:
+        try:
+            held = StoreLease(store.path)
+            held.acquire()
+        except StoreError as e:
+            held, error = None, str(e)
+    if active():
+        _raise_any(error)
+    elif error is not None:
+        raise StoreError(error)
+    return held
 
 
 def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
