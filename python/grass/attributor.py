@@ -299,9 +299,13 @@ class Attributor:
                 # efim layers with k_l >= n_rows are rebuilt from their rows when scoring
                 # starts: a store where every layer is such needs nothing computed now.
                 self._fishers = distributed.fisher(store, self.chunk_size, self.device)
-            if not distributed.active() or torch.distributed.get_rank() == 0:
-                curvature.save_fisher(store, self.hessian, self._fishers or {},
-                                      (self.damping, self.absolute_damping))
+            # Each rank saves its own layers; rank 0 marks the save complete after all.
+            dampings = (self.damping, self.absolute_damping)
+            curvature.save_fisher(store, self.hessian, self._fishers or {}, dampings,
+                                  complete=not distributed.active())
+            distributed.barrier()
+            if distributed.active() and torch.distributed.get_rank() == 0:
+                curvature.save_fisher(store, self.hessian, {}, dampings)
             distributed.barrier()
         self.store = store
         self._scorer = None
@@ -415,8 +419,9 @@ class Attributor:
         if self._scorer is None:
             offsets = self.store.offsets
             if self.hessian != "identity" and self._fishers is None:
-                self._fishers = curvature.load_fisher(self.store, self.hessian, self.chunk_size,
-                                                      self.device)
+                self._fishers = curvature.load_fisher(
+                    self.store, self.hessian, self.chunk_size, self.device,
+                    names=distributed.own_layers(self.store.layers))
             precondition = (Preconditioner.identity(offsets) if self._fishers is None else
                             Preconditioner.efim(self._fishers, offsets, self.damping,
                                                 self.absolute_damping))

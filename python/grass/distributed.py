@@ -26,19 +26,20 @@ Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: c
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
 from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
-from .scoring import Scorer
+from .scoring import Scorer, _normalise, _norms, _rowwise
 from .store import GradientStore, StoreError
 from .store_lock import StoreLease
 
-__all__ = ["ShardedScorer", "active", "barrier", "fisher", "lease", "lockstep", "mean_over_ranks",
-           "open_store", "own_rows", "rank_world", "scorer", "shard", "sharded_model", "split"]
+__all__ = ["ShardedScorer", "active", "barrier", "fisher", "layer_owners", "lease", "lockstep",
+           "mean_over_ranks", "open_store", "own_layers", "own_rows", "rank_world", "scorer",
+           "shard", "sharded_model", "split"]
 
 T = TypeVar("T")
 
@@ -184,24 +185,56 @@ def lease(store: GradientStore) -> StoreLease | None:
     return held
 
 
+def layer_owners(layers: Mapping[str, int], world: int) -> dict[str, int]:
+    """name -> the rank that owns the layer's curvature: largest k_l^2 first, each to the rank
+    with the least k^2 so far (ties: lowest rank, then store order). Deterministic."""
+    load = [0] * world
+    owners = {}
+    for name in sorted(layers, key=lambda n: -layers[n] ** 2):  # stable: store order on ties
+        rank = min(range(world), key=lambda r: load[r])
+        owners[name] = rank
+        load[rank] += layers[name] ** 2
+    return owners
+
+
+def own_layers(layers: Mapping[str, int]) -> list[str]:
+    """The layers whose curvature this rank owns, in store order (all without a group)."""
+    rank, world = rank_world()
+    owners = layer_owners(layers, world)
+    return [name for name in layers if owners[name] == rank]
+
+
 def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer empirical Fisher, name -> (k_l, k_l) fp32 on the CPU, each rank summing its
-    row share on ``device`` (the rank's capture device), all-reduced over ranks."""
-    return mean_over_ranks(fisher_sums(store, own_rows(store.n_rows), chunk_size, device),
-                           store.n_rows)
+    """Per-layer empirical Fisher of this rank's own layers (all without a group), name ->
+    (k_l, k_l) fp32 on the CPU: the owner sums all rows of its layers on ``device`` (the
+    rank's capture device); no collective, no rank holds another's layers."""
+    names = own_layers(store.layers)
+    sums = fisher_sums(store, (0, store.n_rows), chunk_size, device, names)
+    return {name: mat.cpu() / store.n_rows for name, mat in sums.items()}
 
 
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Every rank's per-layer sums added up (all-reduce SUM) and divided by ``count``:
-    name -> fp32 on the CPU, the same on every rank."""
+    """Every rank's per-layer sums added up on the layer's owner (reduce SUM) and divided by
+    ``count``: this rank's own layers, name -> fp32 on the CPU."""
+    if not active():
+        return {name: mat.cpu() / count for name, mat in sums.items()}
+    owners, rank = layer_owners({n: m.shape[0] for n, m in sums.items()}, dist.get_world_size()), \
+        dist.get_rank()
     out = {}
     for name, mat in sums.items():
-        if active():
-            mat = mat.to(_device())
-            dist.all_reduce(mat, op=dist.ReduceOp.SUM)
-        out[name] = mat.cpu() / count
+        mat = mat.to(_device())
+        dist.reduce(mat, dst=owners[name], op=dist.ReduceOp.SUM)
+        if owners[name] == rank:
+            out[name] = mat.cpu() / count
     return out
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """All-reduce SUM of ``t`` on the group's device, back on ``t``'s device."""
+    total = t.to(_device()).contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(t.device)
 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -222,10 +255,46 @@ def _gather_columns(local: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class ShardedScorer(Scorer):
-    """A Scorer over this rank's share of train rows whose results cover all rows."""
+    """A Scorer over this rank's share of train rows whose results cover all rows.
+
+    With curvature, ``precondition`` holds only this rank's own layers' factors: test features
+    are preconditioned block by block on each layer's owner and summed over ranks (the other
+    blocks are zero), so every rank scores its rows with the full preconditioned test. Train
+    norms (self-influence, cosine) are computed per layer by the owner over all rows.
+    """
 
     def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(store, precondition, chunk_size, rows=own_rows(store.n_rows))
+        self.owned = precondition
+        self.layer_sharded = precondition.factors is not None
+        if self.layer_sharded:
+            self.precondition = lambda features: _sum_over_ranks(self.owned(features))
+        self._train_norms: dict[bool, torch.Tensor] = {}
+
+    def _owned_self_influence(self) -> torch.Tensor:
+        """(L, n_train) phi_{i,l}^T (F_l + lambda I)^{-1} phi_{i,l} over all rows, from each
+        layer's owner, summed over ranks."""
+        out = torch.zeros(len(self.offsets), self.store.n_rows)
+        for start, stop, rows in self.store.chunks(self.chunk_size):
+            rows = rows.float()
+            out[:, start:stop] = _rowwise(self.owned(rows), rows, self.offsets, True)
+        return _sum_over_ranks(out)
+
+    def blocks(self, test: torch.Tensor, *, per_layer: bool = False, cosine: bool = False,
+               progress: bool = False):
+        if not (cosine and self.layer_sharded):
+            yield from super().blocks(test, per_layer=per_layer, cosine=cosine,
+                                      progress=progress)
+            return
+        test = test.float()
+        test_norms = _norms(self.precondition(test), test, self.offsets, per_layer)
+        if per_layer not in self._train_norms:
+            influence = self._owned_self_influence()
+            self._train_norms[per_layer] = (influence if per_layer else influence.sum(0)
+                                            ).clamp_min(0).sqrt()
+        train_norms = self._train_norms[per_layer]
+        for start, stop, block in super().blocks(test, per_layer=per_layer, progress=progress):
+            yield start, stop, _normalise(block, test_norms, train_norms[..., start:stop])
 
     def scores(self, test: torch.Tensor, **options) -> torch.Tensor:
         """(n_test, n_train) (or per layer), the same full matrix on every rank."""
@@ -241,6 +310,9 @@ class ShardedScorer(Scorer):
         return keep.values, indices.gather(1, keep.indices)
 
     def self_influence(self, *, per_layer: bool = False) -> torch.Tensor:
+        if self.layer_sharded:
+            influence = self._owned_self_influence()
+            return influence if per_layer else influence.sum(0)
         return _gather_columns(super().self_influence(per_layer=per_layer), self.store.n_rows)
 
 
