@@ -71,7 +71,8 @@ def _rank(rank: int, world: int, port: int, args, store: str, out: str) -> None:
         attr.cache(data)
         attr.self_influence()
         peak = _status("VmHWM") - before
-        factors = attr._scorer_checked().owned.factors
+        scorer = attr._scorer_checked()
+        factors = getattr(scorer, "owned", scorer.precondition).factors  # a plain Scorer at 1
         held = sum(f.numel() * 4 + factors[n].numel() * 8 for n, f in attr._fishers.items())
         with open(os.path.join(out, f"{world}.{rank}.json"), "w") as f:
             json.dump({"layers": len(factors), "held": held, "peak": peak}, f)
