@@ -37,11 +37,30 @@ from .scoring import Scorer, _normalise, _norms, _rowwise
 from .store import GradientStore, StoreError
 from .store_lock import StoreLease
 
-__all__ = ["ShardedScorer", "active", "barrier", "fisher", "layer_owners", "lease", "lockstep",
-           "mean_over_ranks", "open_store", "own_layers", "own_rows", "rank_world", "scorer",
-           "shard", "sharded_model", "split"]
+__all__ = ["ShardedScorer", "active", "barrier", "fisher", "init_torchrun", "layer_owners",
+           "lease", "lockstep", "mean_over_ranks", "open_store", "own_layers", "own_rows",
+           "rank_world", "scorer", "shard", "sharded_model", "split"]
 
 T = TypeVar("T")
+
+
+def init_torchrun(backend: str | None = None) -> None:
+    """Join the process group of a torchrun launch, restart-safe: each attempt (the
+    TORCHELASTIC_RESTART_COUNT of ``--max-restarts``) uses its own key prefix in torchrun's
+    store, so that a restarted rank never reads the addresses its predecessors published there
+    (plain ``init_process_group`` then fails to connect under gloo). backend: default nccl
+    when CUDA is available, else gloo; with nccl, call ``torch.cuda.set_device`` first."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False)
+    except KeyError as e:
+        raise ValueError(f"init_torchrun needs the environment torchrun sets; {e} is missing: "
+                         "launch the script with torchrun") from None
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", agent),
+                            rank=rank, world_size=world)
 
 
 def active() -> bool:
