@@ -10,14 +10,19 @@ here reduces to the single-process path.
 * Caching: the rows still *missing* are split into world_size contiguous, near-equal shards and
   each rank writes its own. A run killed mid-cache resumes with only the missing rows, re-sharded
   over whatever world size the resumed run has.
-* Curvature: each rank sums phi phi^T per layer over its contiguous share of all rows (for the
-  sampled Fisher: over the batches that start in its share); the sums are all-reduced (SUM) and
-  divided by n (times the draws), equal to a single-process Fisher to fp32 rounding.
+* Curvature, sharded by layer: each layer has one owner rank (``layer_owners``, balanced by
+  k_l^2). The owner sums phi phi^T of its layers over all rows (for the sampled Fisher: every
+  rank sums its batches and the sums are reduced to the owner), saves them with the store and
+  factorises only those; test features are preconditioned block by block on the owners and
+  summed over ranks.
 * Scoring: each rank scores its contiguous share of train rows. ``top_k`` all-gathers the per-rank
   (n_test, k) values and global indices and keeps the best k: no score matrix is gathered.
   ``attribute`` and ``self_influence`` all-gather their columns: every rank receives the full
   result. Test features are computed by every rank in full: test sets are small next to the
-  train set, scoring (not test capture) dominates, and it needs no collective.
+  train set, and scoring (not test capture) dominates.
+* A model sharded with FSDP2 runs collectives in its forward: ranks step through their batches
+  in lockstep (``lockstep``). ``lease`` keeps a second run off a store being written;
+  ``init_torchrun`` joins a torchrun group so that ``--max-restarts`` can re-form it.
 
 Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: call
 ``torch.cuda.set_device(local_rank)`` and put the model on that device, as usual under torchrun.
