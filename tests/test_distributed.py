@@ -2,9 +2,10 @@
 
 The single-process Attributor on the same data is the reference: a distributed cache must give
 bit-identical store rows (every batch is computed the same way, only by another rank) and the
-same Fisher, scores, top-k and self-influence to fp32 rounding. A rank killed mid-cache, then a
-resume with another world size, must end identical too, computing only the missing rows; a run
-with another configuration on the same store is refused on every rank.
+same Fisher, scores (also per layer and cosine), top-k and self-influence to fp32 rounding,
+with each layer's curvature held by exactly one rank (sharded by layer). A rank killed
+mid-cache, then a resume with another world size, must end identical too, computing only the
+missing rows; a run with another configuration on the same store is refused on every rank.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ def _attributor(store, *, seed: int = 0, loss=per_example_loss) -> grass.Attribu
 
 def _results(attr: grass.Attributor, test) -> dict[str, torch.Tensor]:
     values, indices = attr.top_k(test, TOP)
+    cos_values, cos_indices = attr.top_k(test, TOP, cosine=True)
     return {"scores": attr.attribute(test), "top_values": values, "top_indices": indices,
             "self_influence": attr.self_influence(),
+            "layer_scores": attr.attribute(test, per_layer=True),
+            "cosine": attr.attribute(test, cosine=True, per_layer=True),
+            "cosine_top_values": cos_values, "cosine_top_indices": cos_indices,
+            "layer_self_influence": attr.self_influence(per_layer=True),
             **{f"fisher/{n}": f for n, f in distributed.fisher(attr.store).items()}}
 
 
@@ -82,8 +88,9 @@ def _worker(rank: int, world: int, port: int, store: str, out: str, die: tuple[i
             in_memory = "no"
         except ValueError as e:
             in_memory = str(e)
+        owned = sorted(attr._scorer_checked().owned.factors)  # curvature held on this rank
         torch.save({"examples": cached, "refused": refused, "in_memory": in_memory,
-                    "results": results}, os.path.join(out, f"rank{rank}.pt"))
+                    "results": results, "owned": owned}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -99,6 +106,12 @@ def _launch(world: int, store, out, die=None) -> None:
     os.makedirs(out, exist_ok=True)
     ctx = mp.start_processes(_worker, args=(world, _free_port(), str(store), str(out), die),
                              nprocs=world, join=False, start_method="spawn")
+    _wait(ctx, world)
+
+
+def _wait(ctx, world: int) -> None:
+    """Join spawned ranks; raises ProcessExitedException if one dies, TimeoutError if they
+    hang (then every rank still alive is killed)."""
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -128,13 +141,30 @@ def _check_run(out, world: int, single) -> list[dict]:
         assert "config.seed" in rank["refused"]
         assert "store must be a directory" in rank["in_memory"]
         for name, value in expected.items():
+            if name.startswith("fisher/"):  # a rank computes only the layers it owns
+                assert (name in rank["results"]) == (name[7:] in rank["owned"]), name
+                if name not in rank["results"]:
+                    continue
             got = rank["results"][name]
             assert got.shape == value.shape, name
-            if name == "top_indices":
+            if name.endswith("top_indices"):
                 assert torch.equal(got, value)
             else:
                 torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=name)
+    # Each layer's curvature lives on exactly one rank.
+    owned = [name for rank in ranks for name in rank["owned"]]
+    assert sorted(owned) == sorted(name[7:] for name in expected if name.startswith("fisher/"))
     return ranks
+
+
+def test_layer_owners_balance_k_squared():
+    layers = {"a": 64, "b": 16, "c": 16, "d": 16, "e": 16, "f": 32, "g": 32}
+    owners = distributed.layer_owners(layers, 2)
+    loads = [sum(k * k for n, k in layers.items() if owners[n] == r) for r in range(2)]
+    assert loads == [4096, 3072]  # a | f, g, b..e: the best split of 7168
+    assert distributed.layer_owners(layers, 1) == dict.fromkeys(layers, 0)
+    spread = distributed.layer_owners({"x": 8, "y": 8}, 3)
+    assert sorted(spread.values()) == [0, 1]  # a third rank owns nothing
 
 
 def test_split_partitions_rows_in_balanced_contiguous_shards():

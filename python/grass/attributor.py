@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
 import warnings
 from typing import Callable
@@ -31,6 +30,7 @@ from . import curvature, distributed, fisher
 from . import index as approx_index
 from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
+from .fingerprint import model_fingerprint
 from .scoring import Scorer
 from .store import GradientStore
 
@@ -55,14 +55,14 @@ class Features:
     config: dict
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's parameters and buffers: features of another checkpoint differ."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def _model_class(model: nn.Module) -> str:
+    """The model's class name; for a model wrapped by FSDP2's fully_shard (whose class is a
+    generated subclass "FSDP<name>"), the wrapped class's name, so both share one store."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return type(model).__name__
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
 
 
 def _is_store(path: str | os.PathLike) -> bool:
@@ -191,8 +191,8 @@ class Attributor:
             "version": CONFIG_VERSION,
             "compressor": compressor.config(),
             "seed": seed,
-            "model": type(model).__name__,
-            "parameters": _model_fingerprint(model),
+            "model": _model_class(model),
+            "parameters": model_fingerprint(model),
             "layers": [[s.name, s.d_out, s.d_in, s.bias] for s in shapes.values()],
         }
         self.store: GradientStore | None = None
@@ -207,10 +207,17 @@ class Attributor:
         (start, features) to ``sink``."""
         total = source.n if wanted is None else sum(b - a for a, b in wanted)
         bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
+        steps = ((item, True) for item in source.batches(wanted))
+        if distributed.sharded_model(self.model):
+            # FSDP: every rank runs as many forwards as the rank with the most batches.
+            steps = distributed.lockstep(source.batches(wanted),
+                                         lambda: next(source.batches([(0, 1)])))
         with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
-            for start, batch in source.batches(wanted):
+            for (start, batch), real in steps:
                 batch = to_device(batch, self.device)
                 out = capture.features(batch, self.loss_fn, token_mask(batch), first_row=start)
+                if not real:
+                    continue
                 sink(start, out)
                 stop = start + out.shape[0]
                 bar.update(stop - start if wanted is None else
@@ -259,16 +266,21 @@ class Attributor:
             self.store_path, config=self.config, n_rows=source.n, layers=self.layer_sizes,
             dtype=self.store_dtype,
         )
-        missing = distributed.shard(store.missing())
+        lease = distributed.lease(store)  # one writing run per store
+        try:
+            missing = distributed.shard(store.missing())
 
-        def write(start: int, out: torch.Tensor) -> None:
-            for a, b in overlaps(missing, start, start + out.shape[0]):
-                store.write(a, out[a - start:b - start])
+            def write(start: int, out: torch.Tensor) -> None:
+                for a, b in overlaps(missing, start, start + out.shape[0]):
+                    store.write(a, out[a - start:b - start])
 
-        if missing:
-            self._compute(source, missing, write, "grass cache")
-        distributed.barrier()  # every rank's rows are on disk before anyone reads them
-        self._attach(store, source)
+            if missing:
+                self._compute(source, missing, write, "grass cache")
+            distributed.barrier()  # every rank's rows are on disk before anyone reads them
+            self._attach(store, source)
+        finally:
+            if lease is not None:
+                lease.release()
         return store
 
     def _attach(self, store: GradientStore, source: Source | None = None) -> None:
@@ -290,9 +302,13 @@ class Attributor:
                 # efim layers with k_l >= n_rows are rebuilt from their rows when scoring
                 # starts: a store where every layer is such needs nothing computed now.
                 self._fishers = distributed.fisher(store, self.chunk_size, self.device)
-            if not distributed.active() or torch.distributed.get_rank() == 0:
-                curvature.save_fisher(store, self.hessian, self._fishers or {},
-                                      (self.damping, self.absolute_damping))
+            # Each rank saves its own layers; rank 0 marks the save complete after all.
+            dampings = (self.damping, self.absolute_damping)
+            curvature.save_fisher(store, self.hessian, self._fishers or {}, dampings,
+                                  complete=not distributed.active())
+            distributed.barrier()
+            if distributed.active() and torch.distributed.get_rank() == 0:
+                curvature.save_fisher(store, self.hessian, {}, dampings)
             distributed.barrier()
         self.store = store
         self._scorer = None
@@ -460,8 +476,9 @@ class Attributor:
         if self._scorer is None:
             offsets = self.store.offsets
             if self.hessian != "identity" and self._fishers is None:
-                self._fishers = curvature.load_fisher(self.store, self.hessian, self.chunk_size,
-                                                      self.device)
+                self._fishers = curvature.load_fisher(
+                    self.store, self.hessian, self.chunk_size, self.device,
+                    names=distributed.own_layers(self.store.layers))
             precondition = (Preconditioner.identity(offsets) if self._fishers is None else
                             Preconditioner.efim(self._fishers, offsets, self.damping,
                                                 self.absolute_damping))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -30,17 +30,21 @@ DEFAULT_CHUNK = 4096
 
 
 def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
-                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                device: torch.device | str | None = None,
+                names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Per-layer sum_i phi_{i,l} phi_{i,l}^T over store rows [start, stop): name -> (k_l, k_l)
-    fp32 on ``device`` (default CPU), unnormalised so that sums over disjoint row ranges add up
-    (grass.distributed all-reduces them). 2 k_l^2 flops per row and layer: for hundreds of
-    layers at k_l = 4096 a GPU rank does them far faster than its host."""
+    fp32 on ``device`` (default CPU), unnormalised so that sums over disjoint row ranges add up.
+    ``names``: only these layers (a rank's own layers under grass.distributed), default all.
+    2 k_l^2 flops per row and layer: for hundreds of layers at k_l = 4096 a GPU rank does them
+    far faster than its host."""
     check_efim_sizes(store.layers)
-    mats = zero_sums(store.layers, device)
+    wanted = store.layers if names is None else {n: store.layers[n] for n in names}
+    mats = zero_sums(wanted, device)
+    offsets = {name: store.offsets[name] for name in wanted}
     first, last = rows
     for row in range(first, last, chunk_size):
         add_outer_products(mats, store.read(row, min(row + chunk_size, last)).to(device),
-                           store.offsets)
+                           offsets)
     return mats
 
 
@@ -101,12 +105,13 @@ class Preconditioner:
         return cls(offsets, factors)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """(m, width) fp32 -> (m, width) fp32, layer by layer."""
+        """(m, width) fp32 -> (m, width) fp32, layer by layer; the columns of a layer without
+        a factor (another rank's, under grass.distributed) are zero."""
         if self.factors is None:
             return features
-        out = torch.empty_like(features, dtype=torch.float32)
-        for name, (start, stop) in self.offsets.items():
-            factor = self.factors[name]
+        out = torch.zeros_like(features, dtype=torch.float32)
+        for name, factor in self.factors.items():
+            start, stop = self.offsets[name]
             block = features[:, start:stop].to(factor.device, torch.float64)
             out[:, start:stop] = torch.cholesky_solve(block.T, factor).T.to(out.device)
         return out
@@ -164,12 +169,15 @@ def _rebuildable(store, hessian: str, name: str) -> bool:
 
 
 def save_fisher(store, hessian: str, fishers: Mapping[str, torch.Tensor],
-                dampings: tuple[float, float]) -> None:
+                dampings: tuple[float, float], complete: bool = True) -> None:
     """Save per-layer Fishers (name -> (k_l, k_l)) of all ``store.n_rows`` rows with the store,
-    with the (relative, absolute) damping they were built for."""
+    with the (relative, absolute) damping they were built for. ``complete=False`` saves only
+    the layers (each rank its own); the call that marks the save complete comes last."""
     for name, mat in fishers.items():
         if not _rebuildable(store, hessian, name):
             store.save_array(f"{hessian}.{name}", mat.float())
+    if not complete:
+        return
     store.save_array(f"{hessian}.damping", torch.tensor([float(d) for d in dampings],
                                                         dtype=torch.float64))
     store.save_array(f"{hessian}.rows", torch.tensor(store.n_rows, dtype=torch.int64))
@@ -182,14 +190,17 @@ def has_fisher(store, hessian: str) -> bool:
 
 
 def load_fisher(store, hessian: str, chunk_size: int = DEFAULT_CHUNK,
-                device: torch.device | str | None = None) -> dict[str, torch.Tensor] | None:
+                device: torch.device | str | None = None,
+                names: Iterable[str] | None = None) -> dict[str, torch.Tensor] | None:
     """The per-layer Fishers (name -> (k_l, k_l) fp32, CPU) saved with ``store`` for
-    ``hessian``, efim layers without an array rebuilt from their columns on ``device``; None
-    when the store holds none covering all of its rows."""
+    ``hessian`` (only the layers in ``names``, default all), efim layers without an array
+    rebuilt from their columns on ``device``; None when the store holds none covering all of
+    its rows."""
     if not has_fisher(store, hessian):
         return None
     out = {}
-    for name, k in store.layers.items():
+    wanted = store.layers if names is None else {n: store.layers[n] for n in names}
+    for name, k in wanted.items():
         if not _rebuildable(store, hessian, name):
             out[name] = store.load_array(f"{hessian}.{name}")
             continue

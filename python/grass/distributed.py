@@ -10,14 +10,19 @@ here reduces to the single-process path.
 * Caching: the rows still *missing* are split into world_size contiguous, near-equal shards and
   each rank writes its own. A run killed mid-cache resumes with only the missing rows, re-sharded
   over whatever world size the resumed run has.
-* Curvature: each rank sums phi phi^T per layer over its contiguous share of all rows (for the
-  sampled Fisher: over the batches that start in its share); the sums are all-reduced (SUM) and
-  divided by n (times the draws), equal to a single-process Fisher to fp32 rounding.
+* Curvature, sharded by layer: each layer has one owner rank (``layer_owners``, balanced by
+  k_l^2). The owner sums phi phi^T of its layers over all rows (for the sampled Fisher: every
+  rank sums its batches and the sums are reduced to the owner), saves them with the store and
+  factorises only those; test features are preconditioned block by block on the owners and
+  summed over ranks.
 * Scoring: each rank scores its contiguous share of train rows. ``top_k`` all-gathers the per-rank
   (n_test, k) values and global indices and keeps the best k: no score matrix is gathered.
   ``attribute`` and ``self_influence`` all-gather their columns: every rank receives the full
   result. Test features are computed by every rank in full: test sets are small next to the
-  train set, scoring (not test capture) dominates, and it needs no collective.
+  train set, and scoring (not test capture) dominates.
+* A model sharded with FSDP2 runs collectives in its forward: ranks step through their batches
+  in lockstep (``lockstep``). ``lease`` keeps a second run off a store being written;
+  ``init_torchrun`` joins a torchrun group so that ``--max-restarts`` can re-form it.
 
 Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: call
 ``torch.cuda.set_device(local_rank)`` and put the model on that device, as usual under torchrun.
@@ -26,17 +31,41 @@ Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: c
 from __future__ import annotations
 
 import os
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
 from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
-from .scoring import Scorer
+from .scoring import Scorer, _normalise, _norms, _rowwise
 from .store import GradientStore, StoreError
+from .store_lock import StoreLease
 
-__all__ = ["ShardedScorer", "active", "barrier", "fisher", "mean_over_ranks", "open_store",
-           "own_rows", "rank_world", "scorer", "shard", "split"]
+__all__ = ["ShardedScorer", "active", "barrier", "fisher", "init_torchrun", "layer_owners",
+           "lease", "lockstep", "mean_over_ranks", "open_store", "own_layers", "own_rows",
+           "rank_world", "scorer", "shard", "sharded_model", "split"]
+
+T = TypeVar("T")
+
+
+def init_torchrun(backend: str | None = None) -> None:
+    """Join the process group of a torchrun launch, restart-safe: each attempt (the
+    TORCHELASTIC_RESTART_COUNT of ``--max-restarts``) uses its own key prefix in torchrun's
+    store, so that a restarted rank never reads the addresses its predecessors published there
+    (plain ``init_process_group`` then fails to connect under gloo). backend: default nccl
+    when CUDA is available, else gloo; with nccl, call ``torch.cuda.set_device`` first."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False)
+    except KeyError as e:
+        raise ValueError(f"init_torchrun needs the environment torchrun sets; {e} is missing: "
+                         "launch the script with torchrun") from None
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", agent),
+                            rank=rank, world_size=world)
 
 
 def active() -> bool:
@@ -77,6 +106,37 @@ def own_rows(n_rows: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of rows [0, n_rows) (possibly empty)."""
     rank, world = rank_world()
     return n_rows * rank // world, n_rows * (rank + 1) // world
+
+
+def sharded_model(model: torch.nn.Module) -> bool:
+    """True when ``model`` has parameters sharded over ranks (FSDP2's fully_shard, DTensor):
+    its forward runs collectives, so every rank must run the same number of forwards."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return active() and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def lockstep(items: Iterator[T], spare: Callable[[], T]) -> Iterator[tuple[T, bool]]:
+    """(item, real) until every rank's ``items`` are exhausted, the same number of steps on
+    every rank: a rank that has run out repeats its last item (``spare()`` if it had none) with
+    real=False, so that a sharded model's all-gathers in each forward meet their partners.
+    One all-reduce of one int per step."""
+    last = None
+    for_device = _device()
+    while True:
+        item = next(items, None)
+        more = torch.tensor([int(item is not None)], device=for_device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not int(more):
+            return
+        if item is not None:
+            last = item
+            yield item, True
+        else:
+            last = spare() if last is None else last
+            yield last, False
 
 
 def barrier() -> None:
@@ -129,24 +189,76 @@ def open_store(path: str | os.PathLike | None, **options) -> GradientStore:
     return store
 
 
+def lease(store: GradientStore) -> StoreLease | None:
+    """The writer lease of an on-disk ``store`` (grass.store_lock), taken by rank 0 (the
+    single process without a group); another run's live lease raises StoreError on every
+    rank. None for an in-memory store and on ranks other than 0."""
+    if store.path is None:
+        return None
+    held, error = None, None
+    if rank_world()[0] == 0:
+        try:
+            held = StoreLease(store.path)
+            held.acquire()
+        except StoreError as e:
+            held, error = None, str(e)
+    if active():
+        _raise_any(error)
+    elif error is not None:
+        raise StoreError(error)
+    return held
+
+
+def layer_owners(layers: Mapping[str, int], world: int) -> dict[str, int]:
+    """name -> the rank that owns the layer's curvature: largest k_l^2 first, each to the rank
+    with the least k^2 so far (ties: lowest rank, then store order). Deterministic."""
+    load = [0] * world
+    owners = {}
+    for name in sorted(layers, key=lambda n: -layers[n] ** 2):  # stable: store order on ties
+        rank = min(range(world), key=lambda r: load[r])
+        owners[name] = rank
+        load[rank] += layers[name] ** 2
+    return owners
+
+
+def own_layers(layers: Mapping[str, int]) -> list[str]:
+    """The layers whose curvature this rank owns, in store order (all without a group)."""
+    rank, world = rank_world()
+    owners = layer_owners(layers, world)
+    return [name for name in layers if owners[name] == rank]
+
+
 def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer empirical Fisher, name -> (k_l, k_l) fp32 on the CPU, each rank summing its
-    row share on ``device`` (the rank's capture device), all-reduced over ranks."""
-    return mean_over_ranks(fisher_sums(store, own_rows(store.n_rows), chunk_size, device),
-                           store.n_rows)
+    """Per-layer empirical Fisher of this rank's own layers (all without a group), name ->
+    (k_l, k_l) fp32 on the CPU: the owner sums all rows of its layers on ``device`` (the
+    rank's capture device); no collective, no rank holds another's layers."""
+    names = own_layers(store.layers)
+    sums = fisher_sums(store, (0, store.n_rows), chunk_size, device, names)
+    return {name: mat.cpu() / store.n_rows for name, mat in sums.items()}
 
 
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Every rank's per-layer sums added up (all-reduce SUM) and divided by ``count``:
-    name -> fp32 on the CPU, the same on every rank."""
+    """Every rank's per-layer sums added up on the layer's owner (reduce SUM) and divided by
+    ``count``: this rank's own layers, name -> fp32 on the CPU."""
+    if not active():
+        return {name: mat.cpu() / count for name, mat in sums.items()}
+    owners, rank = layer_owners({n: m.shape[0] for n, m in sums.items()}, dist.get_world_size()), \
+        dist.get_rank()
     out = {}
     for name, mat in sums.items():
-        if active():
-            mat = mat.to(_device())
-            dist.all_reduce(mat, op=dist.ReduceOp.SUM)
-        out[name] = mat.cpu() / count
+        mat = mat.to(_device())
+        dist.reduce(mat, dst=owners[name], op=dist.ReduceOp.SUM)
+        if owners[name] == rank:
+            out[name] = mat.cpu() / count
     return out
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """All-reduce SUM of ``t`` on the group's device, back on ``t``'s device."""
+    total = t.to(_device()).contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(t.device)
 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -167,10 +279,46 @@ def _gather_columns(local: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class ShardedScorer(Scorer):
-    """A Scorer over this rank's share of train rows whose results cover all rows."""
+    """A Scorer over this rank's share of train rows whose results cover all rows.
+
+    With curvature, ``precondition`` holds only this rank's own layers' factors: test features
+    are preconditioned block by block on each layer's owner and summed over ranks (the other
+    blocks are zero), so every rank scores its rows with the full preconditioned test. Train
+    norms (self-influence, cosine) are computed per layer by the owner over all rows.
+    """
 
     def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(store, precondition, chunk_size, rows=own_rows(store.n_rows))
+        self.owned = precondition
+        self.layer_sharded = precondition.factors is not None
+        if self.layer_sharded:
+            self.precondition = lambda features: _sum_over_ranks(self.owned(features))
+        self._train_norms: dict[bool, torch.Tensor] = {}
+
+    def _owned_self_influence(self) -> torch.Tensor:
+        """(L, n_train) phi_{i,l}^T (F_l + lambda I)^{-1} phi_{i,l} over all rows, from each
+        layer's owner, summed over ranks."""
+        out = torch.zeros(len(self.offsets), self.store.n_rows)
+        for start, stop, rows in self.store.chunks(self.chunk_size):
+            rows = rows.float()
+            out[:, start:stop] = _rowwise(self.owned(rows), rows, self.offsets, True)
+        return _sum_over_ranks(out)
+
+    def blocks(self, test: torch.Tensor, *, per_layer: bool = False, cosine: bool = False,
+               progress: bool = False):
+        if not (cosine and self.layer_sharded):
+            yield from super().blocks(test, per_layer=per_layer, cosine=cosine,
+                                      progress=progress)
+            return
+        test = test.float()
+        test_norms = _norms(self.precondition(test), test, self.offsets, per_layer)
+        if per_layer not in self._train_norms:
+            influence = self._owned_self_influence()
+            self._train_norms[per_layer] = (influence if per_layer else influence.sum(0)
+                                            ).clamp_min(0).sqrt()
+        train_norms = self._train_norms[per_layer]
+        for start, stop, block in super().blocks(test, per_layer=per_layer, progress=progress):
+            yield start, stop, _normalise(block, test_norms, train_norms[..., start:stop])
 
     def scores(self, test: torch.Tensor, **options) -> torch.Tensor:
         """(n_test, n_train) (or per layer), the same full matrix on every rank."""
@@ -186,6 +334,9 @@ class ShardedScorer(Scorer):
         return keep.values, indices.gather(1, keep.indices)
 
     def self_influence(self, *, per_layer: bool = False) -> torch.Tensor:
+        if self.layer_sharded:
+            influence = self._owned_self_influence()
+            return influence if per_layer else influence.sum(0)
         return _gather_columns(super().self_influence(per_layer=per_layer), self.store.n_rows)
 
 
