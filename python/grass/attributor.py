@@ -29,7 +29,7 @@ from .capture import Capture, LayerSpec, layer_shape, select_layers
 from . import curvature, distributed, fisher
 from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
-from .scoring import Scorer
+from .scoring import Scorer, TrainNorms
 from .store import GradientStore
 
 # Relative damping lambda in F_l + lambda * tr(F_l) / k_l * I. Chosen on the digits LDS
@@ -408,5 +408,9 @@ class Attributor:
             precondition = (Preconditioner.identity(offsets) if self._fishers is None else
                             Preconditioner.efim(self._fishers, offsets, self.damping,
                                                 self.absolute_damping))
-            self._scorer = distributed.scorer(self.store, precondition, self.chunk_size)
+            # cosine and self_influence read the train norms kept with the store under this
+            # curvature and damping, or compute them once and keep them there.
+            norms = TrainNorms(self.store, self.hessian, (self.damping, self.absolute_damping)
+                               if self.hessian != "identity" else (0.0, 0.0))
+            self._scorer = distributed.scorer(self.store, precondition, self.chunk_size, norms)
         return self._scorer

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
-from .scoring import Scorer
+from .scoring import Scorer, TrainNorms
 from .store import GradientStore, StoreError
 
 __all__ = ["ShardedScorer", "active", "barrier", "fisher", "mean_over_ranks", "open_store",
@@ -169,8 +169,9 @@ def _gather_columns(local: torch.Tensor, n_rows: int) -> torch.Tensor:
 class ShardedScorer(Scorer):
     """A Scorer over this rank's share of train rows whose results cover all rows."""
 
-    def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK):
-        super().__init__(store, precondition, chunk_size, rows=own_rows(store.n_rows))
+    def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK,
+                 norms: TrainNorms | None = None):
+        super().__init__(store, precondition, chunk_size, rows=own_rows(store.n_rows), norms=norms)
 
     def scores(self, test: torch.Tensor, **options) -> torch.Tensor:
         """(n_test, n_train) (or per layer), the same full matrix on every rank."""
@@ -189,7 +190,8 @@ class ShardedScorer(Scorer):
         return _gather_columns(super().self_influence(per_layer=per_layer), self.store.n_rows)
 
 
-def scorer(store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK) -> Scorer:
+def scorer(store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK,
+           norms: TrainNorms | None = None) -> Scorer:
     """A ShardedScorer under a process group, else a plain Scorer."""
     cls = ShardedScorer if active() else Scorer
-    return cls(store, precondition, chunk_size)
+    return cls(store, precondition, chunk_size, norms=norms)

@@ -388,7 +388,17 @@ class GradientStore:
             raise ValueError(f"need 0 <= start < stop <= n_rows={self.n_rows}, got [{start}, {stop})")
         cols = self._columns(layer)
         self._verify(start, stop)
-        return self._rows[start:stop, cols].to(torch.float32)
+        # copy=True: an fp32 store would otherwise hand out a view of the map, whose pages are
+        # then read by whoever touches it first instead of here.
+        return self._rows[start:stop, cols].to(torch.float32, copy=True)
+
+    def read_raw(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a new (stop - start, width) tensor in the store's dtype (bf16 /
+        fp16 stay 16-bit: half the bytes to move to a GPU), checked like ``read``."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.n_rows):
+            raise ValueError(f"need 0 <= start < stop <= n_rows={self.n_rows}, got [{start}, {stop})")
+        self._verify(start, stop)
+        return self._rows[start:stop].clone()
 
     def chunks(self, size: int, layer: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (start, stop, rows fp32) over all rows in chunks of at most `size` rows."""
