@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .batches import Source, overlaps, to_device, token_mask
 from .capture import Capture, LayerSpec, layer_shape, select_layers
-from . import curvature, distributed, fisher
+from . import curvature, distributed, fisher, store_repair
 from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
 from .scoring import Scorer, TrainNorms
@@ -75,6 +76,16 @@ def _check_fisher_loss_fn(fisher_loss_fn) -> None:
             "per-example losses at targets sampled from the model's predictions with "
             f"generator; got fisher_loss_fn={fisher_loss_fn!r} (or use hessian='efim')"
         )
+
+
+def _drop_damaged_rows(path: str | os.PathLike) -> None:
+    """Find the damaged rows of the store at ``path`` and make them missing, with a warning."""
+    damage = store_repair.find_damage(path)
+    if damage:
+        warnings.warn(
+            f"grass: the store at {os.fspath(path)} has damaged rows, which are recomputed: "
+            + "; ".join(map(str, damage)), RuntimeWarning, stacklevel=3)
+        store_repair.drop_damage(path, damage)
 
 
 def _dampings(damping, absolute_damping) -> tuple[float, float]:
@@ -237,15 +248,22 @@ class Attributor:
             "train_data is an iterable of unknown length: pass cache(train_data, n_rows=N) so "
             "that the store can be sized (a rerun over an existing store needs no n_rows)")
 
-    def cache(self, train_data, *, n_rows: int | None = None) -> GradientStore:
+    def cache(self, train_data, *, n_rows: int | None = None, verify: bool = True) -> GradientStore:
         """Compute the training features into the store (only missing rows) and the curvature.
 
         n_rows: the number of examples, needed only for an iterable of unknown length (a
             generator) whose store does not exist yet; with an in-memory store the iterable is
             read into a list instead.
+        verify: first check every recorded row of an existing store against its checksum (one
+            read of rows.bin): damaged rows, and all rows of a writer whose progress record or
+            checksums cannot be read, are reported in a warning and recomputed, so that the
+            store ends bit-identical to an undamaged one.
         Under torch.distributed (torchrun) each rank computes its shard of the missing rows
         into one shared on-disk store: see ``grass.distributed``.
         """
+        if verify and self.store_path is not None and _is_store(self.store_path) and (
+                not distributed.active() or torch.distributed.get_rank() == 0):
+            _drop_damaged_rows(self.store_path)  # other ranks wait in open_store below
         source = Source(train_data, self.batch_size, "train_data")
         if source.n is None and n_rows is None and self.store_path is None:
             source = Source([batch for _, batch in source.batches()], self.batch_size,

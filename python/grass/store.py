@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .store_progress import (FORMAT, ChecksumTable, Claims, Intervals, StoreError, WriterProgress,
-                             create_sparse, read_json, read_record, read_records, verify_block,
-                             write_atomic)
+from .store_progress import (FORMAT, ChecksumError, ChecksumTable, Claims, Intervals,
+                             StoreError, WriterProgress, create_sparse, read_json, read_record,
+                             read_records, verify_block, write_atomic)
+from .store_repair import find_damage
 
-__all__ = ["GradientStore", "StoreError", "write_atomic"]
+__all__ = ["ChecksumError", "GradientStore", "StoreError", "write_atomic"]
 
 VERSION = FORMAT
 # Rows per checksum block of a new store: about this many bytes, at least one row.
@@ -372,7 +373,14 @@ class GradientStore:
         hi = min(lo + self.block_rows, self.n_rows)
         spans = ranges.clipped(lo, hi)
         while spans and (writer, block, sum(b - a for a, b in spans)) not in self._verified:
-            if verify_block(writer, block, spans, entry, self._row_bytes, self.path):
+            try:
+                intact = verify_block(writer, block, spans, entry, self._row_bytes, self.path)
+            except ChecksumError as e:
+                damage = "; ".join(map(str, find_damage(self.path)))
+                raise ChecksumError(f"{e}. Damaged: {damage}. Run the computation that wrote "
+                                    "the store again (Attributor.cache) to recompute just "
+                                    "those rows") from None
+            if intact:
                 self._verified.add((writer, block, sum(b - a for a, b in spans)))
                 return
             # The record was read before the writer moved on twice in this block: read it again.
