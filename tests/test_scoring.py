@@ -5,6 +5,7 @@ staging path where a GPU is present."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -55,12 +56,13 @@ def _scorer(store, damping=0.3, chunk_size=5, norms=True):
 
 
 class _CountReads:
-    """Counts the rows that GradientStore.read / read_raw hand out (every access to rows.bin)."""
+    """Counts the rows that GradientStore.read / read_raw / read_view hand out (every access
+    to rows.bin)."""
 
     def __init__(self, monkeypatch):
         self.rows = 0
         lock = threading.Lock()
-        for name in ("read", "read_raw"):
+        for name in ("read", "read_raw", "read_view"):
             original = getattr(GradientStore, name)
 
             def counted(store, start, stop, *args, _original=original, **kwargs):
@@ -168,7 +170,7 @@ def test_second_attributor_reads_no_rows_to_build_curvature_or_norms(tmp_path, m
 def test_read_ahead_yields_in_order_and_raises_at_the_failing_chunk():
     seen = []
 
-    def read(a, b):
+    def read(a, b, slot):
         if a == 20:
             raise OSError("disk gone at 20")
         return torch.arange(a, b)
@@ -179,14 +181,14 @@ def test_read_ahead_yields_in_order_and_raises_at_the_failing_chunk():
             assert torch.equal(rows, torch.arange(a, b))
             seen.append((a, b))
     assert seen == [(0, 5), (5, 10), (10, 15), (15, 20)]
-    full = [(a, b) for a, b, _ in read_ahead(lambda a, b: torch.zeros(b - a), 3, 33, 7)]
+    full = [(a, b) for a, b, _ in read_ahead(lambda a, b, slot: torch.zeros(b - a), 3, 33, 7)]
     assert full == [(3, 10), (10, 17), (17, 24), (24, 31), (31, 33)]
 
 
 def test_read_ahead_stops_its_reader_when_closed_early():
     calls = []
 
-    def read(a, b):
+    def read(a, b, slot):
         calls.append(a)
         return torch.zeros(1)
 
@@ -195,6 +197,52 @@ def test_read_ahead_stops_its_reader_when_closed_early():
     chunks.close()  # joins the reader thread
     assert not any(t.name == "grass-read-ahead" for t in threading.enumerate())
     assert len(calls) <= 4  # the consumed chunk, the queue's depth and one blocked put
+
+
+def test_read_ahead_never_overwrites_the_chunk_in_use():
+    """Reused buffers, one per slot: while the consumer dawdles over a chunk, the reader runs
+    ahead as far as it can, yet the chunk in hand keeps its values."""
+    depth = 2
+    buffers = [torch.empty(3) for _ in range(depth + 2)]
+    slots = []
+
+    def read(a, b, slot):
+        slots.append(slot)
+        return buffers[slot].fill_(a)
+
+    for a, b, rows in read_ahead(read, 0, 60, 3, depth=depth):
+        time.sleep(0.01)  # the reader fills every free slot meanwhile
+        assert torch.equal(rows, torch.full((3,), float(a)))
+    assert slots == [i % (depth + 2) for i in range(20)]
+
+
+def test_read_view_is_checked_and_shares_the_file(tmp_path):
+    store = _store(tmp_path / "s", dtype=torch.float16)
+    view = store.read_view(4, 9)
+    assert view.dtype == torch.float16 and torch.equal(view.float(), store.read(4, 9))
+    assert view.data_ptr() == store.read_view(4, 5).data_ptr()  # no copy
+    with pytest.raises(ValueError, match="start < stop"):
+        store.read_view(9, 4)
+    out = torch.empty(10, store.width, dtype=torch.float16)
+    assert store.read_raw(2, 7, out=out).data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor"):
+        store.read_raw(0, 11, out=out)
+    with pytest.raises(ValueError, match="out must be"):
+        store.read_raw(0, 5, out=out.float())
+
+
+def test_pieces_of_a_16_bit_chunk_score_like_the_whole(tmp_path, monkeypatch):
+    """Widening a bf16 chunk in small pieces gives the scores of the widened whole chunk."""
+    import grass.scoring as scoring
+
+    store = _store(tmp_path / "s", n=300, dtype=torch.bfloat16)
+    test = torch.randn(3, store.width, generator=torch.Generator().manual_seed(4))
+    scorer = _scorer(store, chunk_size=128)
+    whole = scorer.scores(test, per_layer=True)
+    monkeypatch.setattr(scoring, "PIECE_BYTES", 4 * store.width * 7)  # 7-row pieces
+    pieced = _scorer(store, chunk_size=128).scores(test, per_layer=True)
+    torch.testing.assert_close(pieced, whole, rtol=1e-6, atol=1e-6)
+    assert list(scoring._pieces(store.read_view(0, 20)))[-1][:2] == (14, 20)
 
 
 def test_read_raw_keeps_the_store_dtype(tmp_path):

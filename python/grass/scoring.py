@@ -31,6 +31,8 @@ from .curvature import DEFAULT_CHUNK, Preconditioner
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
+# fp32 bytes of a piece of a 16-bit chunk widened at once (about half an L2 cache).
+PIECE_BYTES = 1 << 19
 
 
 def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
@@ -57,22 +59,26 @@ def _normalise(block: torch.Tensor, test_norms: torch.Tensor, train_norms: torch
     return block / denom.clamp_min(torch.finfo(block.dtype).tiny)
 
 
-def read_ahead(read: Callable[[int, int], torch.Tensor], first: int, last: int, size: int,
+def read_ahead(read: Callable[[int, int, int], torch.Tensor], first: int, last: int, size: int,
                depth: int = READ_AHEAD) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(start, stop, read(start, stop)) over [first, last) in chunks of ``size`` rows, read by a
-    background thread up to ``depth`` chunks ahead of the consumer (torch copies and file reads
-    release the GIL, so reading overlaps scoring). An error in the reader is raised here, at
+    """(start, stop, read(start, stop, slot)) over [first, last) in chunks of ``size`` rows,
+    read by a background thread up to ``depth`` chunks ahead of the consumer (torch copies and
+    file reads release the GIL, so reading overlaps scoring).
+
+    slot cycles through ``depth + 2`` values: a chunk read into a slot's buffer is not
+    overwritten before the consumer has asked for the chunk after it (at most ``depth`` wait in
+    the queue, one is being read, one is being used). An error in the reader is raised here, at
     the chunk where it happened; closing the generator early stops the reader."""
     spans = [(a, min(a + size, last)) for a in range(first, last, size)]
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop_reading = threading.Event()
 
     def reader() -> None:
-        for a, b in spans:
+        for i, (a, b) in enumerate(spans):
             if stop_reading.is_set():
                 return
             try:
-                item = (a, b, read(a, b), None)
+                item = (a, b, read(a, b, i % (depth + 2)), None)
             except BaseException as e:  # handed to the consumer, which raises it
                 item = (a, b, None, e)
             while not stop_reading.is_set():
@@ -98,33 +104,48 @@ def read_ahead(read: Callable[[int, int], torch.Tensor], first: int, last: int, 
 
 
 class _CudaStager:
-    """Copies raw host chunks to ``device`` through a ring of pinned buffers, widening to fp32
-    there; a buffer is reused only after the copy out of it has finished (its event)."""
+    """Reads raw chunks (the store dtype) into a ring of pinned host buffers on the reader
+    thread, then copies them to ``device`` on a side stream and widens them to fp32 there. A
+    buffer is refilled only after the copy out of it has finished (its event)."""
 
-    def __init__(self, device: torch.device, slots: int = READ_AHEAD + 1):
-        self.device, self.slots = device, slots
-        self.buffers: list[torch.Tensor | None] = [None] * slots
+    def __init__(self, store, chunk_size: int, device: torch.device, slots: int = READ_AHEAD + 2):
+        self.store, self.device = store, device
+        self.buffers = [torch.empty((chunk_size, store.width), dtype=store.dtype, pin_memory=True)
+                        for _ in range(slots)]
         self.events: list[torch.cuda.Event | None] = [None] * slots
-        self.turn = 0
         self.stream = torch.cuda.Stream(device)
 
-    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
-        """raw (m, width) host tensor in the store dtype -> (m, width) fp32 on the device."""
-        slot, self.turn = self.turn, (self.turn + 1) % self.slots
+    def read(self, start: int, stop: int, slot: int) -> tuple[int, torch.Tensor]:
+        """On the reader thread: rows [start, stop) into the pinned buffer of ``slot``."""
         if self.events[slot] is not None:
             self.events[slot].synchronize()
-        buf = self.buffers[slot]
-        if buf is None or buf.dtype != raw.dtype or buf.numel() < raw.numel():
-            buf = self.buffers[slot] = torch.empty(raw.numel(), dtype=raw.dtype, pin_memory=True)
-        staged = buf[:raw.numel()].view(raw.shape)
-        staged.copy_(raw)
+        return slot, self.store.read_raw(start, stop, out=self.buffers[slot])
+
+    def to_device(self, staged: tuple[int, torch.Tensor]) -> torch.Tensor:
+        """On the scoring thread: (m, width) fp32 on the device, copied asynchronously."""
+        slot, raw = staged
         with torch.cuda.stream(self.stream):
-            on_device = staged.to(self.device, non_blocking=True)
-            event = self.events[slot] = torch.cuda.Event()
+            on_device = raw.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
             event.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        on_device.record_stream(torch.cuda.current_stream(self.device))
+        self.events[slot] = event
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        on_device.record_stream(current)
         return on_device.float()
+
+
+def _pieces(rows: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(i, j, fp32 rows[i:j]) over a chunk: fp32 rows whole, 16-bit rows widened in pieces of
+    about ``PIECE_BYTES`` (they stay in cache for the product that follows, so the chunk's
+    bytes cross memory once instead of being written and read again as fp32)."""
+    if rows.dtype == torch.float32:
+        yield 0, rows.shape[0], rows
+        return
+    step = max(1, PIECE_BYTES // (4 * rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        j = min(i + step, rows.shape[0])
+        yield i, j, rows[i:j].float()
 
 
 class TrainNorms:
@@ -181,15 +202,17 @@ class Scorer:
 
     def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, fp32 rows on ``device``) over ``self.rows`` in chunks of
-        ``chunk_size``, read ahead by a background thread."""
+        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``, read ahead by a
+        background thread: on a CUDA ``device`` fp32 rows there; on the CPU a view of the
+        store's rows in its dtype, to be widened by ``_pieces``."""
         first, last = self.rows
+        size = max(1, min(self.chunk_size, last - first))
         if device.type == "cuda":
-            stage = _CudaStager(device)
-            chunks = ((a, b, stage(raw)) for a, b, raw in
-                      read_ahead(self.store.read_raw, first, last, self.chunk_size))
-        else:
-            chunks = read_ahead(self.store.read, first, last, self.chunk_size)
+            stager = _CudaStager(self.store, size, device)
+            chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
+                      read_ahead(stager.read, first, last, size))
+        else:  # views of the file, prefetched by the reader and widened in pieces
+            chunks = read_ahead(lambda a, b, slot: self.store.read_view(a, b), first, last, size)
         if progress:
             total = -(-(last - first) // self.chunk_size)
             chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
@@ -206,9 +229,11 @@ class Scorer:
             self._quadratics = saved[:, first:last]
             return self._quadratics
         out = torch.empty(len(self.offsets), last - first)
-        for start, stop, rows in self._chunks(torch.device("cpu"), progress, "grass norms"):
-            out[:, start - first:stop - first] = _layer_quadratics(self.precondition(rows), rows,
-                                                                   self.offsets)
+        for start, stop, chunk in self._chunks(torch.device("cpu"), progress, "grass norms"):
+            for i, j, rows in _pieces(chunk):
+                at = start - first
+                out[:, at + i:at + j] = _layer_quadratics(self.precondition(rows), rows,
+                                                          self.offsets)
         if self.norms is not None and self.rows == (0, self.store.n_rows):
             self.norms.save(out)
         self._quadratics = out
@@ -228,8 +253,14 @@ class Scorer:
                                                 per_layer)
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
-        for start, stop, rows in self._chunks(test.device, progress):
-            block = _products(pre, rows, self.offsets, per_layer)
+        for start, stop, chunk in self._chunks(test.device, progress):
+            if chunk.dtype == torch.float32:
+                block = _products(pre, chunk, self.offsets, per_layer)
+            else:
+                shape = (len(self.offsets),) if per_layer else ()
+                block = torch.empty(*shape, pre.shape[0], stop - start)
+                for i, j, rows in _pieces(chunk):
+                    block[..., i:j] = _products(pre, rows, self.offsets, per_layer)
             if cosine:
                 block = _normalise(block, test_norms,
                                    train_norms[..., start - first:stop - first])

@@ -390,23 +390,45 @@ class GradientStore:
                                  f"at rows [{lo}, {hi}): the progress of {writer!r} is corrupted")
             spans, entry = fresh, self._tables[writer].entries(block, block + 1)[0]
 
-    def read(self, start: int, stop: int, layer: str | None = None) -> torch.Tensor:
-        """Rows [start, stop) as a new fp32 tensor, (stop - start, width) or (.., k_layer)."""
+    def _checked(self, start: int, stop: int) -> None:
+        """Refuse a bad range, rows not written yet, or rows that fail their checksum."""
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.n_rows):
             raise ValueError(f"need 0 <= start < stop <= n_rows={self.n_rows}, got [{start}, {stop})")
-        cols = self._columns(layer)
         self._verify(start, stop)
+
+    def read(self, start: int, stop: int, layer: str | None = None) -> torch.Tensor:
+        """Rows [start, stop) as a new fp32 tensor, (stop - start, width) or (.., k_layer)."""
+        cols = self._columns(layer)
+        self._checked(start, stop)
         # copy=True: an fp32 store would otherwise hand out a view of the map, whose pages are
         # then read by whoever touches it first instead of here.
         return self._rows[start:stop, cols].to(torch.float32, copy=True)
 
-    def read_raw(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as a new (stop - start, width) tensor in the store's dtype (bf16 /
-        fp16 stay 16-bit: half the bytes to move to a GPU), checked like ``read``."""
-        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.n_rows):
-            raise ValueError(f"need 0 <= start < stop <= n_rows={self.n_rows}, got [{start}, {stop})")
-        self._verify(start, stop)
-        return self._rows[start:stop].clone()
+    def read_raw(self, start: int, stop: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) in the store's dtype (bf16 / fp16 stay 16-bit: half the bytes to
+        move to a GPU), checked like ``read``: a new tensor, or the first rows of ``out`` (a
+        contiguous buffer of the store's dtype and width, e.g. pinned for a GPU copy)."""
+        m = stop - start
+        if out is not None and (out.dtype != self.dtype or out.dim() != 2 or out.shape[0] < m
+                                or out.shape[1] != self.width or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {self.dtype} tensor of at least ({m}, "
+                             f"{self.width}); got {out.dtype} {tuple(out.shape)}")
+        self._checked(start, stop)
+        if out is None:
+            return self._rows[start:stop].clone()
+        return out[:m].copy_(self._rows[start:stop])
+
+    def read_view(self, start: int, stop: int, *, prefetch: bool = True) -> torch.Tensor:
+        """Rows [start, stop) checked like ``read``, as a view of the file in the store's dtype
+        (no copy; valid while the store is open; do not write to it). prefetch: ask the kernel
+        to start reading the rows' pages now (madvise WILLNEED), so that a later touch finds
+        them in memory."""
+        self._checked(start, stop)
+        if prefetch and self.path is not None:
+            offset = start * self._row_nbytes
+            aligned = offset - offset % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_WILLNEED, aligned, stop * self._row_nbytes - aligned)
+        return self._rows[start:stop]
 
     def chunks(self, size: int, layer: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (start, stop, rows fp32) over all rows in chunks of at most `size` rows."""
