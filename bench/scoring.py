@@ -17,11 +17,9 @@ per query; new: the train norms computed once and kept with the store).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import mmap
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from bench.baseline import module_at
 from bench.timing import ensure_malloc_env, format_table
 from grass import curvature
 from grass.curvature import Preconditioner
@@ -43,19 +42,7 @@ READ_BYTES = 64 << 20  # one sequential read() of the floor
 
 def old_scoring_module(ref: str, directory: str):
     """grass.scoring as of commit ``ref``, imported as grass.baseline_scoring from a copy."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shown = subprocess.run(["git", "-C", root, "show", f"{ref}:python/grass/scoring.py"],
-                           capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise SystemExit(f"the baseline scorer needs a git checkout with commit {ref} "
-                         f"(pass another with --old-ref): {shown.stderr.strip()}")
-    path = os.path.join(directory, "baseline_scoring.py")
-    with open(path, "w") as f:
-        f.write(shown.stdout)
-    spec = importlib.util.spec_from_file_location("grass.baseline_scoring", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_at(ref, "python/grass/scoring.py", "grass.baseline_scoring", directory)
 
 
 def synthetic_store(path: str, n_rows: int, width: int, dtype: torch.dtype) -> GradientStore:
