@@ -1,14 +1,16 @@
 """Scores between test and train features, streamed over chunks of the train store.
 
 score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side is
-preconditioned once, then every train chunk costs one GEMM. Only a few chunks of train rows are
-in memory at a time: a reader thread reads the next chunk while the current one is scored, so
-that scoring runs at the speed of the disk where the GEMM is faster. ``top_k`` keeps
-(n_test, k) running results instead of the score matrix.
+preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
+running results instead of the score matrix.
 
-When the test features are on a CUDA device the chunks are read in the store's dtype (bf16 /
-fp16 rows stay 16-bit), staged through pinned host buffers, copied asynchronously and widened to
-fp32 on the device.
+Reading overlaps scoring: a reader thread runs up to ``READ_AHEAD`` chunks ahead of the one
+being scored. On the CPU it checks each chunk's checksums and asks the kernel to prefetch its
+pages; the scorer then multiplies views of the memory-mapped file, fp32 rows as they are and
+16-bit rows widened in cache-sized pieces, so the store's bytes cross memory once (no fp32 copy
+of a whole chunk). When the test features are on a CUDA device the reader copies the raw chunks
+(bf16 / fp16 stay 16-bit) into a ring of pinned host buffers, which are copied to the device
+asynchronously on a side stream and widened to fp32 there.
 
 Options: ``per_layer`` gives one score matrix per layer, (L, n_test, n_train), in store layer
 order; ``cosine`` divides by the preconditioned norms sqrt(phi^T (F + lambda I)^{-1} phi) of
