@@ -387,6 +387,11 @@ class Attributor:
 
     # -- scores --------------------------------------------------------------------------------
     def _test_values(self, test_data) -> torch.Tensor:
+        """Test features (n_test, width) fp32 on ``self.device``: scoring runs where capture
+        does (on a GPU the train chunks are staged there through pinned memory)."""
+        return self._test_features(test_data).to(self.device)
+
+    def _test_features(self, test_data) -> torch.Tensor:
         self._scorer_checked()
         if isinstance(test_data, Features):
             if test_data.config != self.config:
