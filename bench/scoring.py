@@ -121,7 +121,7 @@ def main() -> None:
         # Every block's checksum is verified once per process, at its first read: do that
         # before timing, so that no side pays it.
         for start in tqdm(range(0, store.n_rows, args.chunk), desc="verify checksums"):
-            store.read_view(start, min(start + args.chunk, store.n_rows), prefetch=False)
+            store.read_raw(start, min(start + args.chunk, store.n_rows))
         gb = os.path.getsize(rows_bin) / 1e9
         identity = Preconditioner.identity(store.offsets)
         scorers = {"old": old.Scorer(store, identity, args.chunk),

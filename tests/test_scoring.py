@@ -56,13 +56,12 @@ def _scorer(store, damping=0.3, chunk_size=5, norms=True):
 
 
 class _CountReads:
-    """Counts the rows that GradientStore.read / read_raw / read_view hand out (every access
-    to rows.bin)."""
+    """Counts the rows that GradientStore.read / read_raw hand out (every access to rows.bin)."""
 
     def __init__(self, monkeypatch):
         self.rows = 0
         lock = threading.Lock()
-        for name in ("read", "read_raw", "read_view"):
+        for name in ("read", "read_raw"):
             original = getattr(GradientStore, name)
 
             def counted(store, start, stop, *args, _original=original, **kwargs):
@@ -216,15 +215,13 @@ def test_read_ahead_never_overwrites_the_chunk_in_use():
     assert slots == [i % (depth + 2) for i in range(20)]
 
 
-def test_read_view_is_checked_and_shares_the_file(tmp_path):
-    store = _store(tmp_path / "s", dtype=torch.float16)
-    view = store.read_view(4, 9)
-    assert view.dtype == torch.float16 and torch.equal(view.float(), store.read(4, 9))
-    assert view.data_ptr() == store.read_view(4, 5).data_ptr()  # no copy
-    with pytest.raises(ValueError, match="start < stop"):
-        store.read_view(9, 4)
-    out = torch.empty(10, store.width, dtype=torch.float16)
-    assert store.read_raw(2, 7, out=out).data_ptr() == out.data_ptr()
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_read_raw_into_a_buffer(tmp_path, in_memory):
+    store = _store(None if in_memory else tmp_path / "s", dtype=torch.float16)
+    out = torch.full((10, store.width), float("nan"), dtype=torch.float16)
+    got = store.read_raw(2, 7, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == (5, store.width)
+    assert torch.equal(got.float(), store.read(2, 7)) and out[5:].isnan().all()
     with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor"):
         store.read_raw(0, 11, out=out)
     with pytest.raises(ValueError, match="out must be"):
@@ -242,7 +239,7 @@ def test_pieces_of_a_16_bit_chunk_score_like_the_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(scoring, "PIECE_BYTES", 4 * store.width * 7)  # 7-row pieces
     pieced = _scorer(store, chunk_size=128).scores(test, per_layer=True)
     torch.testing.assert_close(pieced, whole, rtol=1e-6, atol=1e-6)
-    assert list(scoring._pieces(store.read_view(0, 20)))[-1][:2] == (14, 20)
+    assert list(scoring._pieces(store.read_raw(0, 20)))[-1][:2] == (14, 20)
 
 
 def test_read_raw_keeps_the_store_dtype(tmp_path):

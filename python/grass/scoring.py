@@ -4,12 +4,11 @@ score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side
 preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
 running results instead of the score matrix.
 
-Reading overlaps scoring: a reader thread runs up to ``READ_AHEAD`` chunks ahead of the one
-being scored. On the CPU it checks each chunk's checksums and asks the kernel to prefetch its
-pages; the scorer then multiplies views of the memory-mapped file, fp32 rows as they are and
-16-bit rows widened in cache-sized pieces, so the store's bytes cross memory once (no fp32 copy
-of a whole chunk). When the test features are on a CUDA device the reader copies the raw chunks
-(bf16 / fp16 stay 16-bit) into a ring of pinned host buffers, which are copied to the device
+Reading overlaps scoring: a reader thread reads (and checks) up to ``READ_AHEAD`` chunks ahead
+of the one being scored, as raw rows in the store's dtype into a ring of ``READ_AHEAD + 2``
+reused host buffers (memory: that many chunks of raw rows). On the CPU the scorer multiplies
+fp32 rows as they are and widens 16-bit rows in cache-sized pieces (no fp32 copy of a whole
+chunk). When the test features are on a CUDA device the buffers are pinned, copied to the device
 asynchronously on a side stream and widened to fp32 there.
 
 Options: ``per_layer`` gives one score matrix per layer, (L, n_test, n_train), in store layer
@@ -201,24 +200,38 @@ class Scorer:
         self.rows = (0, store.n_rows) if rows is None else rows
         self.norms = norms
         self._quadratics: torch.Tensor | None = None  # (L, rows) fp32, CPU
+        self._buffers: list[torch.Tensor] | None = None  # raw chunk ring, see _host_chunks
 
     def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``, read ahead by a
-        background thread: on a CUDA ``device`` fp32 rows there; on the CPU a view of the
-        store's rows in its dtype, to be widened by ``_pieces``."""
+        background thread: on a CUDA ``device`` fp32 rows there; on the CPU the raw rows (store
+        dtype) in a reused host buffer, to be widened by ``_pieces``."""
         first, last = self.rows
         size = max(1, min(self.chunk_size, last - first))
         if device.type == "cuda":
             stager = _CudaStager(self.store, size, device)
             chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
                       read_ahead(stager.read, first, last, size))
-        else:  # views of the file, prefetched by the reader and widened in pieces
-            chunks = read_ahead(lambda a, b, slot: self.store.read_view(a, b), first, last, size)
+        else:  # raw chunks in a ring of host buffers, widened in pieces by ``_pieces``
+            chunks = self._host_chunks(first, last, size)
         if progress:
             total = -(-(last - first) // self.chunk_size)
             chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
         return chunks
+
+    def _host_chunks(self, first: int, last: int, size: int):
+        """read_ahead of raw chunks into a ring of READ_AHEAD + 2 host buffers (store dtype),
+        kept between passes; a pass taken while another runs allocates its own ring."""
+        shape = (size, self.store.width)
+        buffers, self._buffers = self._buffers, None
+        if buffers is None or buffers[0].shape != shape:
+            buffers = [torch.empty(shape, dtype=self.store.dtype) for _ in range(READ_AHEAD + 2)]
+        try:
+            yield from read_ahead(lambda a, b, slot: self.store.read_raw(a, b, out=buffers[slot]),
+                                  first, last, size)
+        finally:
+            self._buffers = buffers
 
     def train_quadratics(self, progress: bool = False) -> torch.Tensor:
         """Per-layer phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l} of ``self.rows``: (L, m) fp32,

@@ -416,19 +416,19 @@ class GradientStore:
         self._checked(start, stop)
         if out is None:
             return self._rows[start:stop].clone()
-        return out[:m].copy_(self._rows[start:stop])
-
-    def read_view(self, start: int, stop: int, *, prefetch: bool = True) -> torch.Tensor:
-        """Rows [start, stop) checked like ``read``, as a view of the file in the store's dtype
-        (no copy; valid while the store is open; do not write to it). prefetch: ask the kernel
-        to start reading the rows' pages now (madvise WILLNEED), so that a later touch finds
-        them in memory."""
-        self._checked(start, stop)
-        if prefetch and self.path is not None:
-            offset = start * self._row_nbytes
-            aligned = offset - offset % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_WILLNEED, aligned, stop * self._row_nbytes - aligned)
-        return self._rows[start:stop]
+        if self.path is None:
+            return out[:m].copy_(self._rows[start:stop])
+        # pread, not a copy out of the map: the kernel's readahead then sees one sequential
+        # stream, where threads faulting pages of the map in turn look like random access.
+        target = out[:m].view(torch.uint8).numpy().reshape(-1)
+        with open(self._file("rows.bin"), "rb", buffering=0) as f:
+            done, offset = 0, start * self._row_nbytes
+            while done < target.nbytes:
+                n = os.preadv(f.fileno(), [memoryview(target[done:])], offset + done)
+                if n == 0:
+                    raise StoreError(f"{self.path}/rows.bin ended before row {stop}")
+                done += n
+        return out[:m]
 
     def chunks(self, size: int, layer: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (start, stop, rows fp32) over all rows in chunks of at most `size` rows."""
