@@ -32,8 +32,10 @@ from .curvature import DEFAULT_CHUNK, Preconditioner
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
-# fp32 bytes of a piece of a 16-bit chunk widened at once (about half an L2 cache).
-PIECE_BYTES = 1 << 19
+# fp32 bytes of a piece of a 16-bit chunk widened at once: small enough to stay mostly in cache,
+# large enough that a chunk takes few multi-threaded ops (every op ends at a thread-pool barrier,
+# which costs a time slice whenever the cores are oversubscribed).
+PIECE_BYTES = 8 << 20
 
 
 def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
@@ -138,8 +140,8 @@ class _CudaStager:
 
 def _pieces(rows: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(i, j, fp32 rows[i:j]) over a chunk: fp32 rows whole, 16-bit rows widened in pieces of
-    about ``PIECE_BYTES`` (they stay in cache for the product that follows, so the chunk's
-    bytes cross memory once instead of being written and read again as fp32)."""
+    about ``PIECE_BYTES`` (mostly still in cache for the product that follows, instead of a
+    whole fp32 chunk written out and read back)."""
     if rows.dtype == torch.float32:
         yield 0, rows.shape[0], rows
         return
