@@ -228,20 +228,6 @@ def test_read_raw_into_a_buffer(tmp_path, in_memory):
         store.read_raw(0, 5, out=out.float())
 
 
-def test_pieces_of_a_16_bit_chunk_score_like_the_whole(tmp_path, monkeypatch):
-    """Widening a bf16 chunk in small pieces gives the scores of the widened whole chunk."""
-    import grass.scoring as scoring
-
-    store = _store(tmp_path / "s", n=300, dtype=torch.bfloat16)
-    test = torch.randn(3, store.width, generator=torch.Generator().manual_seed(4))
-    scorer = _scorer(store, chunk_size=128)
-    whole = scorer.scores(test, per_layer=True)
-    monkeypatch.setattr(scoring, "PIECE_BYTES", 4 * store.width * 7)  # 7-row pieces
-    pieced = _scorer(store, chunk_size=128).scores(test, per_layer=True)
-    torch.testing.assert_close(pieced, whole, rtol=1e-6, atol=1e-6)
-    assert list(scoring._pieces(store.read_raw(0, 20)))[-1][:2] == (14, 20)
-
-
 def test_read_raw_keeps_the_store_dtype(tmp_path):
     store = _store(tmp_path / "s", dtype=torch.bfloat16)
     raw = store.read_raw(3, 9)

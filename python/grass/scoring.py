@@ -4,12 +4,10 @@ score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side
 preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
 running results instead of the score matrix.
 
-Reading overlaps scoring: a reader thread reads (and checks) up to ``READ_AHEAD`` chunks ahead
-of the one being scored, as raw rows in the store's dtype into a ring of ``READ_AHEAD + 2``
-reused host buffers (memory: that many chunks of raw rows). On the CPU the scorer multiplies
-fp32 rows as they are and widens 16-bit rows in cache-sized pieces (no fp32 copy of a whole
-chunk). When the test features are on a CUDA device the buffers are pinned, copied to the device
-asynchronously on a side stream and widened to fp32 there.
+On the CPU each chunk is read (and checked) in turn, fp32. When the test features are on a CUDA
+device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
+rows (bf16 / fp16 stay 16-bit) into a ring of ``READ_AHEAD + 2`` pinned host buffers, which are
+copied to the device asynchronously on a side stream and widened to fp32 there.
 
 Options: ``per_layer`` gives one score matrix per layer, (L, n_test, n_train), in store layer
 order; ``cosine`` divides by the preconditioned norms sqrt(phi^T (F + lambda I)^{-1} phi) of
@@ -32,10 +30,6 @@ from .curvature import DEFAULT_CHUNK, Preconditioner
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
-# fp32 bytes of a piece of a 16-bit chunk widened at once: small enough to stay mostly in cache,
-# large enough that a chunk takes few multi-threaded ops (every op ends at a thread-pool barrier,
-# which costs a time slice whenever the cores are oversubscribed).
-PIECE_BYTES = 8 << 20
 
 
 def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
@@ -138,19 +132,6 @@ class _CudaStager:
         return on_device.float()
 
 
-def _pieces(rows: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(i, j, fp32 rows[i:j]) over a chunk: fp32 rows whole, 16-bit rows widened in pieces of
-    about ``PIECE_BYTES`` (mostly still in cache for the product that follows, instead of a
-    whole fp32 chunk written out and read back)."""
-    if rows.dtype == torch.float32:
-        yield 0, rows.shape[0], rows
-        return
-    step = max(1, PIECE_BYTES // (4 * rows.shape[1]))
-    for i in range(0, rows.shape[0], step):
-        j = min(i + step, rows.shape[0])
-        yield i, j, rows[i:j].float()
-
-
 class TrainNorms:
     """The train side of ``cosine`` and ``self_influence``: per-layer quadratic forms
     q (L, n_rows) fp32 of every store row under one preconditioner, kept with the store.
@@ -202,38 +183,25 @@ class Scorer:
         self.rows = (0, store.n_rows) if rows is None else rows
         self.norms = norms
         self._quadratics: torch.Tensor | None = None  # (L, rows) fp32, CPU
-        self._buffers: list[torch.Tensor] | None = None  # raw chunk ring, see _host_chunks
 
     def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``, read ahead by a
-        background thread: on a CUDA ``device`` fp32 rows there; on the CPU the raw rows (store
-        dtype) in a reused host buffer, to be widened by ``_pieces``."""
+        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``: read ahead by a
+        background thread and staged to a CUDA ``device`` (fp32 rows there); on the CPU fp32 rows
+        read in turn."""
         first, last = self.rows
         size = max(1, min(self.chunk_size, last - first))
         if device.type == "cuda":
             stager = _CudaStager(self.store, size, device)
             chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
                       read_ahead(stager.read, first, last, size))
-        else:  # raw chunks in a ring of host buffers, widened in pieces by ``_pieces``
-            chunks = self._host_chunks(first, last, size)
+        else:  # read in turn: a reader thread measured slower on a CPU with every core busy
+            chunks = ((a, min(a + size, last), self.store.read(a, min(a + size, last)))
+                      for a in range(first, last, size))
         if progress:
             total = -(-(last - first) // self.chunk_size)
             chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
         return chunks
-
-    def _host_chunks(self, first: int, last: int, size: int):
-        """read_ahead of raw chunks into a ring of READ_AHEAD + 2 host buffers (store dtype),
-        kept between passes; a pass taken while another runs allocates its own ring."""
-        shape = (size, self.store.width)
-        buffers, self._buffers = self._buffers, None
-        if buffers is None or buffers[0].shape != shape:
-            buffers = [torch.empty(shape, dtype=self.store.dtype) for _ in range(READ_AHEAD + 2)]
-        try:
-            yield from read_ahead(lambda a, b, slot: self.store.read_raw(a, b, out=buffers[slot]),
-                                  first, last, size)
-        finally:
-            self._buffers = buffers
 
     def train_quadratics(self, progress: bool = False) -> torch.Tensor:
         """Per-layer phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l} of ``self.rows``: (L, m) fp32,
@@ -246,11 +214,9 @@ class Scorer:
             self._quadratics = saved[:, first:last]
             return self._quadratics
         out = torch.empty(len(self.offsets), last - first)
-        for start, stop, chunk in self._chunks(torch.device("cpu"), progress, "grass norms"):
-            for i, j, rows in _pieces(chunk):
-                at = start - first
-                out[:, at + i:at + j] = _layer_quadratics(self.precondition(rows), rows,
-                                                          self.offsets)
+        for start, stop, rows in self._chunks(torch.device("cpu"), progress, "grass norms"):
+            out[:, start - first:stop - first] = _layer_quadratics(self.precondition(rows), rows,
+                                                                   self.offsets)
         if self.norms is not None and self.rows == (0, self.store.n_rows):
             self.norms.save(out)
         self._quadratics = out
@@ -270,14 +236,8 @@ class Scorer:
                                                 per_layer)
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
-        for start, stop, chunk in self._chunks(test.device, progress):
-            if chunk.dtype == torch.float32:
-                block = _products(pre, chunk, self.offsets, per_layer)
-            else:
-                shape = (len(self.offsets),) if per_layer else ()
-                block = torch.empty(*shape, pre.shape[0], stop - start)
-                for i, j, rows in _pieces(chunk):
-                    block[..., i:j] = _products(pre, rows, self.offsets, per_layer)
+        for start, stop, rows in self._chunks(test.device, progress):
+            block = _products(pre, rows, self.offsets, per_layer)
             if cosine:
                 block = _normalise(block, test_norms,
                                    train_norms[..., start - first:stop - first])
