@@ -18,16 +18,15 @@ pwrite + fdatasync of the file), timed the same way.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import mmap
 import os
-import subprocess
 import tempfile
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.baseline import module_at
 from bench.timing import ensure_malloc_env, format_table, interleaved_ms
 from grass.store import GradientStore
 
@@ -38,20 +37,7 @@ BATCH, WIDTH = 4, 64
 
 def old_store_module(ref: str, directory: str):
     """The grass.store of commit `ref`, imported from a copy in `directory`."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shown = subprocess.run(["git", "-C", root, "show", f"{ref}:python/grass/store.py"],
-                           capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise SystemExit(f"the baseline store needs a git checkout with commit {ref} "
-                         f"(pass another with --old-ref): {shown.stderr.strip()}")
-    source = shown.stdout
-    path = os.path.join(directory, "old_store.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("old_store", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_at(ref, "python/grass/store.py", "old_store", directory)
 
 
 class Filler:

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from .batches import Source, overlaps, to_device, token_mask
 from .capture import Capture, LayerSpec, layer_shape, select_layers
-from . import curvature, distributed, fisher
+from . import curvature, distributed, fisher, store_repair
 from . import index as approx_index
 from .compressors import Compressor, FactGraSS, compressor_from_config
 from .curvature import DEFAULT_CHUNK, HESSIANS, Preconditioner
 from .fingerprint import model_fingerprint
-from .scoring import Scorer
+from .scoring import Scorer, TrainNorms
 from .store import GradientStore
 
 # Relative damping lambda in F_l + lambda * tr(F_l) / k_l * I. Chosen on the digits LDS
@@ -77,6 +77,16 @@ def _check_fisher_loss_fn(fisher_loss_fn) -> None:
             "per-example losses at targets sampled from the model's predictions with "
             f"generator; got fisher_loss_fn={fisher_loss_fn!r} (or use hessian='efim')"
         )
+
+
+def _drop_damaged_rows(path: str | os.PathLike) -> None:
+    """Find the damaged rows of the store at ``path`` and make them missing, with a warning."""
+    damage = store_repair.find_damage(path)
+    if damage:
+        warnings.warn(
+            f"grass: the store at {os.fspath(path)} has damaged rows, which are recomputed: "
+            + "; ".join(map(str, damage)), RuntimeWarning, stacklevel=3)
+        store_repair.drop_damage(path, damage)
 
 
 def _dampings(damping, absolute_damping) -> tuple[float, float]:
@@ -247,15 +257,22 @@ class Attributor:
             "train_data is an iterable of unknown length: pass cache(train_data, n_rows=N) so "
             "that the store can be sized (a rerun over an existing store needs no n_rows)")
 
-    def cache(self, train_data, *, n_rows: int | None = None) -> GradientStore:
+    def cache(self, train_data, *, n_rows: int | None = None, verify: bool = True) -> GradientStore:
         """Compute the training features into the store (only missing rows) and the curvature.
 
         n_rows: the number of examples, needed only for an iterable of unknown length (a
             generator) whose store does not exist yet; with an in-memory store the iterable is
             read into a list instead.
+        verify: first check every recorded row of an existing store against its checksum (one
+            read of rows.bin): damaged rows, and all rows of a writer whose progress record or
+            checksums cannot be read, are reported in a warning and recomputed, so that the
+            store ends bit-identical to an undamaged one.
         Under torch.distributed (torchrun) each rank computes its shard of the missing rows
         into one shared on-disk store: see ``grass.distributed``.
         """
+        if verify and self.store_path is not None and _is_store(self.store_path) and (
+                not distributed.active() or torch.distributed.get_rank() == 0):
+            _drop_damaged_rows(self.store_path)  # other ranks wait in open_store below
         source = Source(train_data, self.batch_size, "train_data")
         if source.n is None and n_rows is None and self.store_path is None:
             source = Source([batch for _, batch in source.batches()], self.batch_size,
@@ -337,7 +354,6 @@ class Attributor:
                 on_batch=lambda rows: bar.update(rows * draws))
         return distributed.mean_over_ranks(sums, source.n * draws)
 
-
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, loss_fn, *,
              compressor: Compressor | None = None, **options) -> "Attributor":
@@ -346,8 +362,8 @@ class Attributor:
         The compressor, seed, layers and store dtype come from the index; ``compressor`` is
         needed only for trained masks (the index keeps their digest, not their values).
         ``hessian`` defaults to the curvature saved in the index and the damping to the
-        (relative or absolute) damping recorded with it; other ``options`` (batch_size, device, chunk_size, progress) are as
-        in ``Attributor``. The curvature is read, not recomputed. Raises ValueError naming what
+        (relative or absolute) damping recorded with it; other ``options`` (batch_size, device,
+        chunk_size, progress) are as in ``Attributor``. The curvature is read, not recomputed. Raises ValueError naming what
         differs when ``model`` (weights, class, layers) or the options do not match the index,
         and when the index is incomplete.
         """
@@ -396,6 +412,11 @@ class Attributor:
 
     # -- scores --------------------------------------------------------------------------------
     def _test_values(self, test_data) -> torch.Tensor:
+        """Test features (n_test, width) fp32 on ``self.device``: scoring runs where capture
+        does (on a GPU the train chunks are staged there through pinned memory)."""
+        return self._test_features(test_data).to(self.device)
+
+    def _test_features(self, test_data) -> torch.Tensor:
         self._scorer_checked()
         if isinstance(test_data, Features):
             if test_data.config != self.config:
@@ -482,5 +503,9 @@ class Attributor:
             precondition = (Preconditioner.identity(offsets) if self._fishers is None else
                             Preconditioner.efim(self._fishers, offsets, self.damping,
                                                 self.absolute_damping))
-            self._scorer = distributed.scorer(self.store, precondition, self.chunk_size)
+            # cosine and self_influence read the train norms kept with the store under this
+            # curvature and damping, or compute them once and keep them there.
+            norms = TrainNorms(self.store, self.hessian, (self.damping, self.absolute_damping)
+                               if self.hessian != "identity" else (0.0, 0.0))
+            self._scorer = distributed.scorer(self.store, precondition, self.chunk_size, norms)
         return self._scorer

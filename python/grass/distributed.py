@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
-from .scoring import Scorer, _normalise, _norms, _rowwise
+from .scoring import Scorer, TrainNorms, layer_quadratics
 from .store import GradientStore, StoreError
 from .store_lock import StoreLease
 
@@ -287,38 +287,34 @@ class ShardedScorer(Scorer):
     norms (self-influence, cosine) are computed per layer by the owner over all rows.
     """
 
-    def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK):
-        super().__init__(store, precondition, chunk_size, rows=own_rows(store.n_rows))
+    def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK,
+                 norms: TrainNorms | None = None):
+        super().__init__(store, precondition, chunk_size, rows=own_rows(store.n_rows), norms=norms)
         self.owned = precondition
         self.layer_sharded = precondition.factors is not None
         if self.layer_sharded:
             self.precondition = lambda features: _sum_over_ranks(self.owned(features))
-        self._train_norms: dict[bool, torch.Tensor] = {}
+        self._all_quadratics: torch.Tensor | None = None  # (L, n_rows), layer-sharded only
 
-    def _owned_self_influence(self) -> torch.Tensor:
-        """(L, n_train) phi_{i,l}^T (F_l + lambda I)^{-1} phi_{i,l} over all rows, from each
-        layer's owner, summed over ranks."""
-        out = torch.zeros(len(self.offsets), self.store.n_rows)
-        for start, stop, rows in self.store.chunks(self.chunk_size):
-            rows = rows.float()
-            out[:, start:stop] = _rowwise(self.owned(rows), rows, self.offsets, True)
-        return _sum_over_ranks(out)
-
-    def blocks(self, test: torch.Tensor, *, per_layer: bool = False, cosine: bool = False,
-               progress: bool = False):
-        if not (cosine and self.layer_sharded):
-            yield from super().blocks(test, per_layer=per_layer, cosine=cosine,
-                                      progress=progress)
-            return
-        test = test.float()
-        test_norms = _norms(self.precondition(test), test, self.offsets, per_layer)
-        if per_layer not in self._train_norms:
-            influence = self._owned_self_influence()
-            self._train_norms[per_layer] = (influence if per_layer else influence.sum(0)
-                                            ).clamp_min(0).sqrt()
-        train_norms = self._train_norms[per_layer]
-        for start, stop, block in super().blocks(test, per_layer=per_layer, progress=progress):
-            yield start, stop, _normalise(block, test_norms, train_norms[..., start:stop])
+    def train_quadratics(self, progress: bool = False) -> torch.Tensor:
+        """This rank's rows' per-layer quadratic forms (L, own rows). Layer-sharded, each owner
+        computes its layers' forms over all rows and the ranks sum them: every rank then holds
+        all (L, n_rows) forms, kept with the store by rank 0."""
+        if not self.layer_sharded:
+            return super().train_quadratics(progress)
+        if self._all_quadratics is None:
+            saved = self.norms.load() if self.norms is not None else None
+            if saved is None:
+                out = torch.zeros(len(self.offsets), self.store.n_rows)
+                for start, stop, rows in self.store.chunks(self.chunk_size):
+                    rows = rows.float()
+                    out[:, start:stop] = layer_quadratics(self.owned(rows), rows, self.offsets)
+                saved = _sum_over_ranks(out)
+                if self.norms is not None and dist.get_rank() == 0:
+                    self.norms.save(saved)
+            self._all_quadratics = saved
+        first, last = self.rows
+        return self._all_quadratics[:, first:last]
 
     def scores(self, test: torch.Tensor, **options) -> torch.Tensor:
         """(n_test, n_train) (or per layer), the same full matrix on every rank."""
@@ -335,12 +331,14 @@ class ShardedScorer(Scorer):
 
     def self_influence(self, *, per_layer: bool = False) -> torch.Tensor:
         if self.layer_sharded:
-            influence = self._owned_self_influence()
-            return influence if per_layer else influence.sum(0)
+            self.train_quadratics()
+            influence = self._all_quadratics
+            return influence.clone() if per_layer else influence.sum(0)
         return _gather_columns(super().self_influence(per_layer=per_layer), self.store.n_rows)
 
 
-def scorer(store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK) -> Scorer:
+def scorer(store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK,
+           norms: TrainNorms | None = None) -> Scorer:
     """A ShardedScorer under a process group, else a plain Scorer."""
     cls = ShardedScorer if active() else Scorer
-    return cls(store, precondition, chunk_size)
+    return cls(store, precondition, chunk_size, norms=norms)

@@ -224,10 +224,9 @@ def init_distributed() -> None:
     """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on the CPU,
     nccl on GPUs); without torchrun nothing happens."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend)
+        distributed.init_torchrun()  # restart-safe under torchrun --max-restarts
 
 
 # -- build -------------------------------------------------------------------------------------

@@ -1,22 +1,35 @@
 """Scores between test and train features, streamed over chunks of the train store.
 
 score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side is
-preconditioned once, then every train chunk costs one GEMM. Only one chunk of train rows is in
-memory at a time; ``top_k`` keeps (n_test, k) running results instead of the score matrix.
+preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
+running results instead of the score matrix.
+
+On the CPU each chunk is read (and checked) in turn, fp32. When the test features are on a CUDA
+device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
+rows (bf16 / fp16 stay 16-bit) into a ring of ``READ_AHEAD + 2`` pinned host buffers, which are
+copied to the device asynchronously on a side stream and widened to fp32 there.
 
 Options: ``per_layer`` gives one score matrix per layer, (L, n_test, n_train), in store layer
 order; ``cosine`` divides by the preconditioned norms sqrt(phi^T (F + lambda I)^{-1} phi) of
-both sides (per layer when ``per_layer``), so scores lie in [-1, 1].
+both sides (per layer when ``per_layer``), so scores lie in [-1, 1]. The train side of those
+norms is the per-layer quadratic forms q_{l,i} = phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l},
+(L, n_train), computed in one pass the first time they are needed and kept with the store
+(see ``TrainNorms``); ``self_influence`` is the same array.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import queue
+import threading
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from .curvature import DEFAULT_CHUNK, Preconditioner
+
+# Chunks read ahead of the one being scored: one in flight while one is scored.
+READ_AHEAD = 2
 
 
 def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
@@ -26,17 +39,16 @@ def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> tor
     return torch.stack([a[:, s:e] @ b[:, s:e].T for s, e in offsets.values()])
 
 
-def _rowwise(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
-    """Row-wise inner products: (n,), or (L, n) per layer."""
-    prod = a * b
-    if not per_layer:
-        return prod.sum(1)
+def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
+    """Per-layer row-wise inner products of pre = preconditioned x with x: (L, m) fp32."""
+    prod = pre * x
     return torch.stack([prod[:, s:e].sum(1) for s, e in offsets.values()])
 
 
-def _norms(pre: torch.Tensor, x: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
-    """Preconditioned norms sqrt(x^T (F + lambda I)^{-1} x) from pre = preconditioned x."""
-    return _rowwise(pre, x, offsets, per_layer).clamp_min(0).sqrt()
+def _norms_from_quadratics(quadratics: torch.Tensor, per_layer: bool) -> torch.Tensor:
+    """(L, m) quadratic forms -> norms (L, m) per layer, else (m,) over all layers."""
+    q = quadratics if per_layer else quadratics.sum(0)
+    return q.clamp_min(0).sqrt()
 
 
 def _normalise(block: torch.Tensor, test_norms: torch.Tensor, train_norms: torch.Tensor):
@@ -44,78 +56,218 @@ def _normalise(block: torch.Tensor, test_norms: torch.Tensor, train_norms: torch
     return block / denom.clamp_min(torch.finfo(block.dtype).tiny)
 
 
+def read_ahead(read: Callable[[int, int, int], torch.Tensor], first: int, last: int, size: int,
+               depth: int = READ_AHEAD) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, read(start, stop, slot)) over [first, last) in chunks of ``size`` rows,
+    read by a background thread up to ``depth`` chunks ahead of the consumer (torch copies and
+    file reads release the GIL, so reading overlaps scoring).
+
+    slot cycles through ``depth + 2`` values: a chunk read into a slot's buffer is not
+    overwritten before the consumer has asked for the chunk after it (at most ``depth`` wait in
+    the queue, one is being read, one is being used). An error in the reader is raised here, at
+    the chunk where it happened; closing the generator early stops the reader."""
+    spans = [(a, min(a + size, last)) for a in range(first, last, size)]
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop_reading = threading.Event()
+
+    def reader() -> None:
+        for i, (a, b) in enumerate(spans):
+            if stop_reading.is_set():
+                return
+            try:
+                item = (a, b, read(a, b, i % (depth + 2)), None)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = (a, b, None, e)
+            while not stop_reading.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[3] is not None:
+                return
+
+    thread = threading.Thread(target=reader, name="grass-read-ahead", daemon=True)
+    thread.start()
+    try:
+        for _ in spans:
+            a, b, rows, error = ready.get()
+            if error is not None:
+                raise error
+            yield a, b, rows
+    finally:
+        stop_reading.set()
+        thread.join()
+
+
+class _CudaStager:
+    """Reads raw chunks (the store dtype) into a ring of pinned host buffers on the reader
+    thread, then copies them to ``device`` on a side stream and widens them to fp32 there. A
+    buffer is refilled only after the copy out of it has finished (its event)."""
+
+    def __init__(self, store, chunk_size: int, device: torch.device, slots: int = READ_AHEAD + 2):
+        self.store, self.device = store, device
+        self.buffers = [torch.empty((chunk_size, store.width), dtype=store.dtype, pin_memory=True)
+                        for _ in range(slots)]
+        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.stream = torch.cuda.Stream(device)
+
+    def read(self, start: int, stop: int, slot: int) -> tuple[int, torch.Tensor]:
+        """On the reader thread: rows [start, stop) into the pinned buffer of ``slot``."""
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+        return slot, self.store.read_raw(start, stop, out=self.buffers[slot])
+
+    def to_device(self, staged: tuple[int, torch.Tensor]) -> torch.Tensor:
+        """On the scoring thread: (m, width) fp32 on the device, copied asynchronously."""
+        slot, raw = staged
+        with torch.cuda.stream(self.stream):
+            on_device = raw.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[slot] = event
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        on_device.record_stream(current)
+        return on_device.float()
+
+
+class TrainNorms:
+    """The train side of ``cosine`` and ``self_influence``: per-layer quadratic forms
+    q (L, n_rows) fp32 of every store row under one preconditioner, kept with the store.
+
+    Arrays of the store, under ``key`` (the curvature kind, e.g. "efim"): "<key>.norms" the
+    forms, "<key>.norms_damping" the (relative, absolute) damping they were computed under, and
+    last "<key>.norms_rows" the row count they cover (its presence marks a complete save). Forms
+    saved under another damping or row count are recomputed (one pass over the rows) and
+    replace them.
+    """
+
+    def __init__(self, store, key: str, dampings: tuple[float, float]):
+        self.store, self.key = store, key
+        self.dampings = torch.tensor([float(d) for d in dampings], dtype=torch.float64)
+
+    def load(self) -> torch.Tensor | None:
+        """The saved (L, n_rows) forms, or None when none match this damping and row count."""
+        s, k = self.store, self.key
+        if not (s.has_array(f"{k}.norms_rows") and s.has_array(f"{k}.norms_damping")):
+            return None
+        if (int(s.load_array(f"{k}.norms_rows")) != s.n_rows
+                or not torch.equal(s.load_array(f"{k}.norms_damping"), self.dampings)):
+            return None
+        return s.load_array(f"{k}.norms")
+
+    def save(self, quadratics: torch.Tensor) -> None:
+        s, k = self.store, self.key
+        s.save_array(f"{k}.norms", quadratics.float().cpu())
+        s.save_array(f"{k}.norms_damping", self.dampings)
+        s.save_array(f"{k}.norms_rows", torch.tensor(s.n_rows, dtype=torch.int64))
+
+
 class Scorer:
     """Scores against the rows of ``store`` under ``precondition``.
 
     rows: the train rows [start, stop) scored, all by default; grass.distributed gives each
-    rank its own range, and results then cover those rows only (indices stay global).
+        rank its own range, and results then cover those rows only (indices stay global).
+    norms: where the train norms are kept (``TrainNorms``); None computes them once per Scorer.
+        Only a Scorer over all rows saves them; one over a row range reads its slice of saved
+        forms or computes its own rows'.
     """
 
     def __init__(self, store, precondition: Preconditioner, chunk_size: int = DEFAULT_CHUNK,
-                 rows: tuple[int, int] | None = None):
+                 rows: tuple[int, int] | None = None, norms: TrainNorms | None = None):
         self.store = store
         self.precondition = precondition
         self.offsets = dict(store.offsets)
         self.chunk_size = chunk_size
         self.rows = (0, store.n_rows) if rows is None else rows
+        self.norms = norms
+        self._quadratics: torch.Tensor | None = None  # (L, rows) fp32, CPU
 
-    def _chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, fp32 rows) over ``self.rows`` in chunks of ``chunk_size``."""
+    def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``: read ahead by a
+        background thread and staged to a CUDA ``device`` (fp32 rows there); on the CPU fp32 rows
+        read in turn."""
         first, last = self.rows
-        for start in range(first, last, self.chunk_size):
-            stop = min(start + self.chunk_size, last)
-            yield start, stop, self.store.read(start, stop)
+        size = max(1, min(self.chunk_size, last - first))
+        if device.type == "cuda":
+            stager = _CudaStager(self.store, size, device)
+            chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
+                      read_ahead(stager.read, first, last, size))
+        else:  # read in turn: a reader thread measured slower on a CPU with every core busy
+            chunks = ((a, min(a + size, last), self.store.read(a, min(a + size, last)))
+                      for a in range(first, last, size))
+        if progress:
+            total = -(-(last - first) // self.chunk_size)
+            chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
+        return chunks
+
+    def train_quadratics(self, progress: bool = False) -> torch.Tensor:
+        """Per-layer phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l} of ``self.rows``: (L, m) fp32,
+        read from the store when kept there, else computed in one pass (and saved)."""
+        if self._quadratics is not None:
+            return self._quadratics
+        first, last = self.rows
+        saved = self.norms.load() if self.norms is not None else None
+        if saved is not None:
+            self._quadratics = saved[:, first:last]
+            return self._quadratics
+        out = torch.empty(len(self.offsets), last - first)
+        for start, stop, rows in self._chunks(torch.device("cpu"), progress, "grass norms"):
+            out[:, start - first:stop - first] = layer_quadratics(self.precondition(rows), rows,
+                                                                   self.offsets)
+        if self.norms is not None and self.rows == (0, self.store.n_rows):
+            self.norms.save(out)
+        self._quadratics = out
+        return out
 
     def blocks(
         self, test: torch.Tensor, *, per_layer: bool = False, cosine: bool = False,
         progress: bool = False,
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, scores of test against train rows [start, stop)) chunk by chunk."""
+        """(start, stop, scores of test against train rows [start, stop)) chunk by chunk, on
+        the test features' device."""
         test = test.float()
         pre = self.precondition(test)
+        first = self.rows[0]
         if cosine:
-            test_norms = _norms(pre, test, self.offsets, per_layer)
-        chunks = self._chunks()
-        if progress:
-            total = -(-(self.rows[1] - self.rows[0]) // self.chunk_size)
-            chunks = tqdm(chunks, total=total, desc="grass attribute", unit="chunk")
-        for start, stop, rows in chunks:
-            rows = rows.float()
+            test_norms = _norms_from_quadratics(layer_quadratics(pre, test, self.offsets),
+                                                per_layer)
+            train_norms = _norms_from_quadratics(self.train_quadratics(progress),
+                                                 per_layer).to(test.device)
+        for start, stop, rows in self._chunks(test.device, progress):
             block = _products(pre, rows, self.offsets, per_layer)
             if cosine:
-                train_norms = _norms(self.precondition(rows), rows, self.offsets, per_layer)
-                block = _normalise(block, test_norms, train_norms)
+                block = _normalise(block, test_norms,
+                                   train_norms[..., start - first:stop - first])
             yield start, stop, block
 
     def scores(self, test: torch.Tensor, *, per_layer=False, cosine=False, progress=False):
-        """(n_test, n_train), or (L, n_test, n_train) with ``per_layer``."""
+        """(n_test, n_train), or (L, n_test, n_train) with ``per_layer``; on the CPU."""
         first, last = self.rows
         shape = (len(self.offsets),) if per_layer else ()
         out = torch.empty(*shape, test.shape[0], last - first)
         for start, stop, block in self.blocks(
             test, per_layer=per_layer, cosine=cosine, progress=progress
         ):
-            out[..., start - first:stop - first] = block
+            out[..., start - first:stop - first] = block.cpu()
         return out
 
     def top_k(self, test: torch.Tensor, k: int, *, cosine: bool = False):
-        """The k highest scores per test row and their train indices: two (n_test, k) tensors."""
-        values = torch.full((test.shape[0], 0), float("-inf"))
-        indices = torch.zeros((test.shape[0], 0), dtype=torch.int64)
+        """The k highest scores per test row and their train indices: two (n_test, k) tensors
+        on the CPU."""
+        values = torch.full((test.shape[0], 0), float("-inf"), device=test.device)
+        indices = torch.zeros((test.shape[0], 0), dtype=torch.int64, device=test.device)
         for start, _, block in self.blocks(test, cosine=cosine):
             top = block.topk(min(k, block.shape[1]), dim=1)
             values = torch.cat([values, top.values], 1)
             indices = torch.cat([indices, top.indices + start], 1)
             keep = values.topk(min(k, values.shape[1]), dim=1)
             values, indices = keep.values, indices.gather(1, keep.indices)
-        return values, indices
+        return values.cpu(), indices.cpu()
 
     def self_influence(self, *, per_layer: bool = False) -> torch.Tensor:
         """phi_i^T (F + lambda I)^{-1} phi_i for every train row: (n_train,), or (L, n_train)."""
-        first, last = self.rows
-        shape = (len(self.offsets),) if per_layer else ()
-        out = torch.empty(*shape, last - first)
-        for start, stop, rows in self._chunks():
-            out[..., start - first:stop - first] = _rowwise(self.precondition(rows), rows,
-                                                            self.offsets, per_layer)
-        return out
+        quadratics = self.train_quadratics()
+        return quadratics.clone() if per_layer else quadratics.sum(0)

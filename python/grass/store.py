@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .store_progress import (FORMAT, ChecksumTable, Claims, Intervals, StoreError, WriterProgress,
-                             create_sparse, read_json, read_record, read_records, verify_block,
-                             write_atomic)
+from .store_progress import (FORMAT, ChecksumError, ChecksumTable, Claims, Intervals,
+                             StoreError, WriterProgress, create_sparse, read_json, read_record,
+                             read_records, verify_block, write_atomic)
+from .store_repair import find_damage
 
-__all__ = ["GradientStore", "StoreError", "write_atomic"]
+__all__ = ["ChecksumError", "GradientStore", "StoreError", "write_atomic"]
 
 VERSION = FORMAT
 # Rows per checksum block of a new store: about this many bytes, at least one row.
@@ -372,7 +373,14 @@ class GradientStore:
         hi = min(lo + self.block_rows, self.n_rows)
         spans = ranges.clipped(lo, hi)
         while spans and (writer, block, sum(b - a for a, b in spans)) not in self._verified:
-            if verify_block(writer, block, spans, entry, self._row_bytes, self.path):
+            try:
+                intact = verify_block(writer, block, spans, entry, self._row_bytes, self.path)
+            except ChecksumError as e:
+                damage = "; ".join(map(str, find_damage(self.path)))
+                raise ChecksumError(f"{e}. Damaged: {damage}. Run the computation that wrote "
+                                    "the store again (Attributor.cache) to recompute just "
+                                    "those rows") from None
+            if intact:
                 self._verified.add((writer, block, sum(b - a for a, b in spans)))
                 return
             # The record was read before the writer moved on twice in this block: read it again.
@@ -382,13 +390,45 @@ class GradientStore:
                                  f"at rows [{lo}, {hi}): the progress of {writer!r} is corrupted")
             spans, entry = fresh, self._tables[writer].entries(block, block + 1)[0]
 
-    def read(self, start: int, stop: int, layer: str | None = None) -> torch.Tensor:
-        """Rows [start, stop) as a new fp32 tensor, (stop - start, width) or (.., k_layer)."""
+    def _checked(self, start: int, stop: int) -> None:
+        """Refuse a bad range, rows not written yet, or rows that fail their checksum."""
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.n_rows):
             raise ValueError(f"need 0 <= start < stop <= n_rows={self.n_rows}, got [{start}, {stop})")
-        cols = self._columns(layer)
         self._verify(start, stop)
-        return self._rows[start:stop, cols].to(torch.float32)
+
+    def read(self, start: int, stop: int, layer: str | None = None) -> torch.Tensor:
+        """Rows [start, stop) as a new fp32 tensor, (stop - start, width) or (.., k_layer)."""
+        cols = self._columns(layer)
+        self._checked(start, stop)
+        # copy=True: an fp32 store would otherwise hand out a view of the map, whose pages are
+        # then read by whoever touches it first instead of here.
+        return self._rows[start:stop, cols].to(torch.float32, copy=True)
+
+    def read_raw(self, start: int, stop: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) in the store's dtype (bf16 / fp16 stay 16-bit: half the bytes to
+        move to a GPU), checked like ``read``: a new tensor, or the first rows of ``out`` (a
+        contiguous buffer of the store's dtype and width, e.g. pinned for a GPU copy)."""
+        m = stop - start
+        if out is not None and (out.dtype != self.dtype or out.dim() != 2 or out.shape[0] < m
+                                or out.shape[1] != self.width or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {self.dtype} tensor of at least ({m}, "
+                             f"{self.width}); got {out.dtype} {tuple(out.shape)}")
+        self._checked(start, stop)
+        if out is None:
+            return self._rows[start:stop].clone()
+        if self.path is None:
+            return out[:m].copy_(self._rows[start:stop])
+        # pread, not a copy out of the map: the kernel's readahead then sees one sequential
+        # stream, where threads faulting pages of the map in turn look like random access.
+        target = out[:m].view(torch.uint8).numpy().reshape(-1)
+        with open(self._file("rows.bin"), "rb", buffering=0) as f:
+            done, offset = 0, start * self._row_nbytes
+            while done < target.nbytes:
+                n = os.preadv(f.fileno(), [memoryview(target[done:])], offset + done)
+                if n == 0:
+                    raise StoreError(f"{self.path}/rows.bin ended before row {stop}")
+                done += n
+        return out[:m]
 
     def chunks(self, size: int, layer: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (start, stop, rows fp32) over all rows in chunks of at most `size` rows."""

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ChecksumTable", "Intervals", "StoreError", "WriterProgress", "read_json",
-           "read_records", "verify_block", "write_atomic"]
+           "read_records", "verify_block", "write_atomic", "ChecksumError"]
 
 FORMAT = 2
 # One block entry: slots[2] x (count, crc32), little-endian uint32.
@@ -56,6 +56,10 @@ RowBytes = Callable[[int, int], memoryview]
 
 class StoreError(ValueError):
     """A store on disk is truncated, corrupted, or does not match the requested configuration."""
+
+
+class ChecksumError(StoreError):
+    """Rows of a store on disk fail their checksum."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -237,9 +241,8 @@ def verify_block(writer: str, block: int, spans: list[tuple[int, int]], entry: n
     if slot is None:
         return False
     if crc_of(row_bytes, spans) != int(entry[slot, 1]):
-        raise StoreError(f"rows [{spans[0][0]}, {spans[-1][1]}) of {where}/rows.bin (written "
-                         f"by {writer!r}) fail their checksum: the file is corrupted; delete "
-                         "the store and recompute")
+        raise ChecksumError(f"rows [{spans[0][0]}, {spans[-1][1]}) of {where}/rows.bin (written "
+                            f"by {writer!r}) fail their checksum: the file is corrupted")
     return True
 
 

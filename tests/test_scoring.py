@@ -1,0 +1,251 @@
+"""Exhaustive scoring: cosine against brute-force normalised scores, train norms kept with the
+store and reused (counted reads of the rows), the read-ahead reader, 16-bit stores, and the CUDA
+staging path where a GPU is present."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import grass
+from grass import curvature
+from grass.curvature import Preconditioner
+from grass.scoring import Scorer, TrainNorms, read_ahead
+from grass.store import GradientStore
+
+from conftest import rel_err
+
+LAYERS = {"a": 6, "b": 5}
+
+
+def _store(path, n=37, dtype=torch.float32, seed=0):
+    store = GradientStore.open(path, config={"test": "scoring"}, n_rows=n, layers=LAYERS,
+                               dtype=dtype, block_rows=4)
+    g = torch.Generator().manual_seed(seed)
+    store.write(0, torch.randn(n, sum(LAYERS.values()), generator=g))
+    return store
+
+
+def _brute(rows, test, damping):
+    """Per-layer scores (L, n_test, n), test and train quadratic forms (L, n_test), (L, n),
+    in fp64 with explicit inverses of the damped per-layer Fisher."""
+    rows, test = rows.double(), test.double()
+    scores, q_test, q_train, col = [], [], [], 0
+    for k in LAYERS.values():
+        a, b = rows[:, col:col + k], test[:, col:col + k]
+        fim = a.T @ a / len(a)
+        inv = torch.linalg.inv(fim + damping * fim.trace() / k * torch.eye(k, dtype=torch.float64))
+        scores.append(b @ inv @ a.T)
+        q_test.append(((b @ inv) * b).sum(1))
+        q_train.append(((a @ inv) * a).sum(1))
+        col += k
+    return torch.stack(scores), torch.stack(q_test), torch.stack(q_train)
+
+
+def _scorer(store, damping=0.3, chunk_size=5, norms=True):
+    fishers = {name: s / store.n_rows
+               for name, s in curvature.fisher_sums(store, (0, store.n_rows)).items()}
+    pre = Preconditioner.efim(fishers, store.offsets, damping)
+    kept = TrainNorms(store, "efim", (damping, 0.0)) if norms else None
+    return Scorer(store, pre, chunk_size, norms=kept)
+
+
+class _CountReads:
+    """Counts the rows that GradientStore.read / read_raw hand out (every access to rows.bin)."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        lock = threading.Lock()
+        for name in ("read", "read_raw"):
+            original = getattr(GradientStore, name)
+
+            def counted(store, start, stop, *args, _original=original, **kwargs):
+                with lock:
+                    self.rows += stop - start
+                return _original(store, start, stop, *args, **kwargs)
+
+            monkeypatch.setattr(GradientStore, name, counted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cosine_equals_brute_force(tmp_path, dtype):
+    store = _store(tmp_path / "s", dtype=dtype)
+    rows = store.read(0, store.n_rows)  # the stored (rounded) values, as fp32
+    test = torch.randn(4, store.width, generator=torch.Generator().manual_seed(5))
+    layers, q_test, q_train = _brute(rows, test, 0.3)
+    scorer = _scorer(store)
+    total = layers.sum(0)
+    cos = total / (q_test.sum(0)[:, None] * q_train.sum(0)[None]).sqrt()
+    assert rel_err(scorer.scores(test), total) < 1e-5
+    assert rel_err(scorer.scores(test, cosine=True), cos) < 1e-5
+    cos_layers = layers / (q_test[:, :, None] * q_train[:, None, :]).sqrt()
+    assert rel_err(scorer.scores(test, per_layer=True, cosine=True), cos_layers) < 1e-5
+    assert rel_err(scorer.self_influence(), q_train.sum(0)) < 1e-5
+    assert rel_err(scorer.self_influence(per_layer=True), q_train) < 1e-5
+    values, indices = scorer.top_k(test, 6, cosine=True)
+    ref = cos.topk(6, dim=1)
+    assert torch.equal(indices, ref.indices) and rel_err(values, ref.values) < 1e-5
+    assert cos.abs().max() <= 1 + 1e-6
+
+
+def test_norms_computed_once_saved_and_reused(tmp_path, monkeypatch):
+    """A store without norms asked for cosine computes them in one pass and saves them; a
+    second Scorer reads them back (no extra pass); another damping recomputes them."""
+    store = _store(tmp_path / "s")
+    test = torch.randn(3, store.width, generator=torch.Generator().manual_seed(2))
+    expected = _scorer(store, norms=False).scores(test, cosine=True)
+    reads = _CountReads(monkeypatch)
+    n = store.n_rows
+    first = _scorer(store)
+    reads.rows = 0
+    assert not store.has_array("efim.norms_rows")
+    torch.testing.assert_close(first.scores(test, cosine=True), expected, rtol=0, atol=0)
+    assert reads.rows == 2 * n  # one pass for the norms, one for the scores
+    assert int(store.load_array("efim.norms_rows")) == n
+    reads.rows = 0
+    torch.testing.assert_close(first.scores(test, cosine=True), expected, rtol=0, atol=0)
+    assert reads.rows == n  # norms kept in the Scorer: one GEMM pass only
+
+    reopened = GradientStore.load(tmp_path / "s")
+    second = _scorer(reopened)
+    reads.rows = 0
+    torch.testing.assert_close(second.self_influence(), first.self_influence(), rtol=0, atol=0)
+    assert reads.rows == 0  # read from the store's arrays
+    torch.testing.assert_close(second.scores(test, cosine=True), expected, rtol=0, atol=0)
+    assert reads.rows == n
+
+    other = _scorer(reopened, damping=0.9)
+    reads.rows = 0
+    q = other.self_influence(per_layer=True)
+    assert reads.rows == n  # saved under damping 0.3: recomputed for 0.9, and replaced
+    assert rel_err(q, _brute(store.read(0, n), test, 0.9)[2]) < 1e-5
+    torch.testing.assert_close(store.load_array("efim.norms_damping"),
+                               torch.tensor([0.9, 0.0], dtype=torch.float64))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 5, bias=False))
+
+
+def _loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def test_second_attributor_reads_no_rows_to_build_curvature_or_norms(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randn(41, 9, generator=g), torch.randint(0, 5, (41,), generator=g))
+    test = (torch.randn(3, 9, generator=g), torch.randint(0, 5, (3,), generator=g))
+    path = tmp_path / "index"
+    first = grass.Attributor(_model(), _loss, grass.FactGraSS(k=8), store=path, damping=0.3,
+                             chunk_size=10, batch_size=8, progress=False)
+    first.cache(train)
+    test_features = first.features(test)
+    cos = first.attribute(test_features, cosine=True)
+    influence = first.self_influence()
+
+    reads = _CountReads(monkeypatch)
+    second = grass.Attributor.load(path, _model(), _loss, chunk_size=10, progress=False)
+    assert second.hessian == "efim" and second.damping == 0.3
+    torch.testing.assert_close(second.self_influence(), influence, rtol=0, atol=0)
+    assert reads.rows == 0  # neither the curvature nor the norms read rows.bin
+    torch.testing.assert_close(second.attribute(test_features, cosine=True), cos, rtol=0, atol=0)
+    assert reads.rows == 41  # the scoring pass itself, once
+
+    # A rerun of cache over the finished store computes nothing and reads no rows either.
+    third = grass.Attributor(_model(), _loss, grass.FactGraSS(k=8), store=path, damping=0.3,
+                             chunk_size=10, batch_size=8, progress=False)
+    reads.rows = 0
+    third.cache(train)
+    torch.testing.assert_close(third.self_influence(), influence, rtol=0, atol=0)
+    assert reads.rows == 0
+
+
+def test_read_ahead_yields_in_order_and_raises_at_the_failing_chunk():
+    seen = []
+
+    def read(a, b, slot):
+        if a == 20:
+            raise OSError("disk gone at 20")
+        return torch.arange(a, b)
+
+    chunks = read_ahead(read, 0, 33, 5)
+    with pytest.raises(OSError, match="disk gone at 20"):
+        for a, b, rows in chunks:
+            assert torch.equal(rows, torch.arange(a, b))
+            seen.append((a, b))
+    assert seen == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    full = [(a, b) for a, b, _ in read_ahead(lambda a, b, slot: torch.zeros(b - a), 3, 33, 7)]
+    assert full == [(3, 10), (10, 17), (17, 24), (24, 31), (31, 33)]
+
+
+def test_read_ahead_stops_its_reader_when_closed_early():
+    calls = []
+
+    def read(a, b, slot):
+        calls.append(a)
+        return torch.zeros(1)
+
+    chunks = read_ahead(read, 0, 10_000, 1, depth=2)
+    next(chunks)
+    chunks.close()  # joins the reader thread
+    assert not any(t.name == "grass-read-ahead" for t in threading.enumerate())
+    assert len(calls) <= 4  # the consumed chunk, the queue's depth and one blocked put
+
+
+def test_read_ahead_never_overwrites_the_chunk_in_use():
+    """Reused buffers, one per slot: while the consumer dawdles over a chunk, the reader runs
+    ahead as far as it can, yet the chunk in hand keeps its values."""
+    depth = 2
+    buffers = [torch.empty(3) for _ in range(depth + 2)]
+    slots = []
+
+    def read(a, b, slot):
+        slots.append(slot)
+        return buffers[slot].fill_(a)
+
+    for a, b, rows in read_ahead(read, 0, 60, 3, depth=depth):
+        time.sleep(0.01)  # the reader fills every free slot meanwhile
+        assert torch.equal(rows, torch.full((3,), float(a)))
+    assert slots == [i % (depth + 2) for i in range(20)]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_read_raw_into_a_buffer(tmp_path, in_memory):
+    store = _store(None if in_memory else tmp_path / "s", dtype=torch.float16)
+    out = torch.full((10, store.width), float("nan"), dtype=torch.float16)
+    got = store.read_raw(2, 7, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == (5, store.width)
+    assert torch.equal(got.float(), store.read(2, 7)) and out[5:].isnan().all()
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor"):
+        store.read_raw(0, 11, out=out)
+    with pytest.raises(ValueError, match="out must be"):
+        store.read_raw(0, 5, out=out.float())
+
+
+def test_read_raw_keeps_the_store_dtype(tmp_path):
+    store = _store(tmp_path / "s", dtype=torch.bfloat16)
+    raw = store.read_raw(3, 9)
+    assert raw.dtype == torch.bfloat16 and raw.shape == (6, store.width)
+    assert torch.equal(raw.float(), store.read(3, 9))
+    with pytest.raises(ValueError, match="start < stop"):
+        store.read_raw(5, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the pinned "
+                    "staging path runs only when test features are on a GPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_scoring_equals_cpu(tmp_path, dtype):
+    store = _store(tmp_path / "s", n=301, dtype=dtype)
+    test = torch.randn(7, store.width, generator=torch.Generator().manual_seed(3))
+    scorer = _scorer(store, chunk_size=16)
+    cpu = scorer.scores(test, cosine=True)
+    gpu = scorer.scores(test.cuda(), cosine=True)
+    assert gpu.device.type == "cpu" and rel_err(gpu, cpu) < 1e-5
+    values, indices = scorer.top_k(test.cuda(), 5)
+    assert torch.equal(indices, scorer.top_k(test, 5)[1])
