@@ -145,13 +145,13 @@ class Intervals:
             self.starts.insert(i, start)
             self.stops.insert(i, stop)
 
-    def gaps(self, n: int) -> list[tuple[int, int]]:
-        """The complement in [0, n), in order."""
-        out, pos = [], 0
-        for start, stop in zip(self.starts, self.stops):
-            if start > pos:
-                out.append((pos, start))
-            pos = stop
+    def gaps(self, n: int, start: int = 0) -> list[tuple[int, int]]:
+        """The complement in [start, n), in order."""
+        out, pos = [], start
+        for lo, hi in self.clipped(start, n):
+            if lo > pos:
+                out.append((pos, lo))
+            pos = hi
         if pos < n:
             out.append((pos, n))
         return out

@@ -126,7 +126,7 @@ def drop_damage(path: str | os.PathLike, damage: list[Damage]) -> None:
             continue
         record = read_record(record_path, n_rows)
         bad = Intervals((d.start, d.stop) for d in items)
-        kept = Intervals(p for span in record.pairs() for p in _minus(span, bad))
+        kept = Intervals(p for a, b in record.pairs() for p in bad.gaps(b, start=a))
         fd = os.open(table_path, os.O_RDWR)
         try:
             for start, stop in bad.pairs():
@@ -144,16 +144,3 @@ def drop_damage(path: str | os.PathLike, damage: list[Damage]) -> None:
                 os.pwrite(fd, bytes(stop - start), start)
         finally:
             os.close(fd)
-
-
-def _minus(span: tuple[int, int], bad: Intervals) -> list[tuple[int, int]]:
-    """The parts of ``span`` outside ``bad``."""
-    a, b = span
-    out, pos = [], a
-    for lo, hi in bad.clipped(a, b):
-        if lo > pos:
-            out.append((pos, lo))
-        pos = hi
-    if pos < b:
-        out.append((pos, b))
-    return out
