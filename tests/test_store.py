@@ -293,6 +293,8 @@ def test_sigkill_inside_write_resumes_bit_identical(tmp_path, whole_run, point, 
     fresh = _open(tmp_path / "s", dtype=getattr(torch, dtype))
     assert fresh.missing() == []
     assert fresh.read(0, N_ROWS).shape == (N_ROWS, 8)  # every block checks out
+    # Every recorded row is claimed again, also one recorded just before the kill.
+    assert (tmp_path / "s" / "claimed.bin").read_bytes() == b"\x01" * N_ROWS
 
 
 # ----------------------------------------------------------------------------- record size

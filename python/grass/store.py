@@ -124,6 +124,8 @@ class GradientStore:
             self._claims = Claims(self._file("claimed.bin"))
             own = self._file("progress", f"{writer}.json")
             self._own = read_record(own, n_rows) if os.path.exists(own) else Intervals()
+            for a, b in self._own.pairs():  # a kill between a record and its claim left a gap
+                self._claims.mark(a, b)
             self._refresh()
             self._progress = WriterProgress(path, writer, n_rows, block_rows, self._own)
         # A torch view sharing memory with the raw array (bf16 reinterprets the uint16 bits).
