@@ -9,7 +9,7 @@ Every nn.Linear / Conv1D is captured (9 layers: 4 per block + lm_head) at k = 40
                     hessian="identity": the one-time Fisher factorisation is timed apart
                     (an efim cache of one batch: capture + 9 Cholesky factorisations of 4096^2)
 
-The malloc thresholds of ENVIRONMENT.md are set for both sides (the process re-executes).
+The malloc thresholds of bench.timing.ensure_malloc_env are set for both sides (the process re-executes).
 
     .venv/bin/python -m bench.attributor [--batches 4] [--repeats 5]
 

@@ -1,4 +1,4 @@
-"""Factorized ops on the CPU against their torch baselines, per linear layer (issue 3).
+"""Factorized ops on the CPU against their torch baselines, per linear layer.
 
 Shapes: GPT-2-small and Llama-3.1-8B linear layers, B x T = 4 x 256 tokens, fp32, k = 4096
 (LoGra 64 x 64, FactGraSS 128 x 128 -> 4096 with c = 1, FactSJLT 64 x 64). Every number in a

@@ -5,7 +5,7 @@ Runs in the peers venv (bench/peers_setup.sh), never in the test suite:
     bash bench/peers_setup.sh
     PYTHONPATH=$PWD:$PWD/python .venv-peers/bin/python -m bench.peers
 
-Model: the GPT-2-small-shaped model of issue 4, GPT2Config(n_layer=2, n_embd=768, n_head=12,
+Model: a GPT-2-small-shaped model, GPT2Config(n_layer=2, n_embd=768, n_head=12,
 vocab_size=1024, n_positions=128), random init, dropout off, batches of 4 x 128 tokens of Python
 stdlib bytes. dattri hooks nn.Linear only, so GPT-2's Conv1D layers are swapped for the
 equivalent nn.Linear (same weights, transposed). Every side captures the same 8 layers, the

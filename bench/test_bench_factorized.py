@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the factorized ops on the CPU (issue 3's shapes, B x T = 4 x 256).
+"""pytest-benchmark suite for the factorized ops on the CPU (B x T = 4 x 256).
 
 Run on purpose (the test run disables benchmarks):
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \

@@ -1,8 +1,8 @@
 """Timing helpers shared by every benchmark in bench/.
 
 All comparisons are measured side by side in one process. glibc's malloc returns large blocks
-to the OS and faults them in again, which makes allocation-heavy baselines slow and noisy on
-these machines (ENVIRONMENT.md); ``ensure_malloc_env`` re-executes the process with the
+to the OS and faults them in again, which makes allocation-heavy baselines slow and noisy;
+``ensure_malloc_env`` re-executes the process with the
 thresholds set, so every side of every comparison runs under the same allocator settings.
 """
 

@@ -1,5 +1,5 @@
 """Attributor: compressor wiring, efim / identity scores against a brute-force computation from
-the materialised features, streaming options, resume, and the bad-input list of issue 4."""
+the materialised features, streaming options, resume, and bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Factorized ops (logra, fact_grass, fact_sjlt) against their contract (DESIGN.md §6):
+"""Factorized ops (logra, fact_grass, fact_sjlt) against their contract:
 
     factorized(X, Delta) == flat map applied to vec(G_i),  G_i = sum_t delta_t x_t^T
 

@@ -137,7 +137,7 @@ def test_saved_factorized_mask_is_the_one_fact_grass_uses(digits, tmp_path):
         lo, hi = full.offsets[name]
         g = grads[:, lo:hi].reshape(-1, module.out_features, module.in_features + 1)
         kept = g[:, out_idx][:, :, in_idx].flatten(1)
-        scale = math.sqrt(g[0].numel() / kept.shape[1])  # DESIGN §6: the mask's rescaling
+        scale = math.sqrt(g[0].numel() / kept.shape[1])  # the mask's rescaling
         want = gk.sjlt(kept * scale, k, seed=layer_seed(0, name, "sjlt"))
         a, b = again.offsets[name]
         assert torch.allclose(got[:, a:b], want, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Selective Mask: choose which gradient coordinates to keep by optimisation (DESIGN §2).
+"""Selective Mask: choose which gradient coordinates to keep by optimisation.
 
 Per layer, mask logits s give a soft mask σ(s). From a small sample of train gradients g_i and
 test gradients g_j we maximise the correlation, over pairs, between the full inner products
