@@ -211,17 +211,23 @@ class Attributor:
         self._index: approx_index.ApproximateIndex | None = None
 
     # -- features ------------------------------------------------------------------------------
+    def _in_step(self, source: Source):
+        """For a model sharded with FSDP, a function that turns this rank's (start, batch) pairs
+        into ((start, batch), real) steps, as many on every rank as the rank with the most
+        batches has (each forward all-gathers with every rank); None for other models."""
+        if not distributed.sharded_model(self.model):
+            return None
+        return lambda items: distributed.lockstep(items, lambda: next(source.batches([(0, 1)])))
+
     def _compute(self, source: Source, wanted, sink: Callable[[int, torch.Tensor], None],
                  desc: str) -> None:
         """Capture every batch overlapping ``wanted`` (all rows when None) and pass
         (start, features) to ``sink``."""
         total = source.n if wanted is None else sum(b - a for a, b in wanted)
         bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
-        steps = ((item, True) for item in source.batches(wanted))
-        if distributed.sharded_model(self.model):
-            # FSDP: every rank runs as many forwards as the rank with the most batches.
-            steps = distributed.lockstep(source.batches(wanted),
-                                         lambda: next(source.batches([(0, 1)])))
+        in_step = self._in_step(source)
+        steps = (in_step(source.batches(wanted)) if in_step is not None
+                 else ((item, True) for item in source.batches(wanted)))
         with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
             for (start, batch), real in steps:
                 batch = to_device(batch, self.device)
@@ -351,7 +357,7 @@ class Attributor:
             sums = fisher.sampled_sums(
                 own, features, self.fisher_loss_fn, store=store, samples=self.fisher_samples,
                 seed=self.seed, key=key, device=self.device, checkpoint_rows=self.chunk_size,
-                on_batch=lambda rows: bar.update(rows * draws))
+                on_batch=lambda rows: bar.update(rows * draws), in_step=self._in_step(source))
         return distributed.mean_over_ranks(sums, source.n * draws)
 
     @classmethod
@@ -363,9 +369,9 @@ class Attributor:
         needed only for trained masks (the index keeps their digest, not their values).
         ``hessian`` defaults to the curvature saved in the index and the damping to the
         (relative or absolute) damping recorded with it; other ``options`` (batch_size, device,
-        chunk_size, progress) are as in ``Attributor``. The curvature is read, not recomputed. Raises ValueError naming what
-        differs when ``model`` (weights, class, layers) or the options do not match the index,
-        and when the index is incomplete.
+        chunk_size, progress) are as in ``Attributor``. The curvature is read, not recomputed.
+        Raises ValueError naming what differs when ``model`` (weights, class, layers) or the
+        options do not match the index, and when the index is incomplete.
         """
         if not _is_store(path):
             raise ValueError(f"path {os.fspath(path)!r} holds no grass index (no manifest.json)")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -133,6 +133,7 @@ def sampled_sums(
     device: torch.device,
     checkpoint_rows: int,
     on_batch: Callable[[int], None] | None = None,
+    in_step: Callable[[Iterator], Iterator] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-layer sum over this rank's ``batches`` and their draws (``draws(fisher_loss_fn,
     samples)``) of psi psi^T:
@@ -141,15 +142,18 @@ def sampled_sums(
     batches: (first row, batch) pairs, this rank's only; those finished by an earlier run with
     the same ``key`` (anything that changes the batches or their split) are skipped.
     on_batch(rows) is called after each batch (progress).
+    in_step: for a sharded model, turns the pending (first row, batch) pairs into
+        ((first row, batch), real) steps, the same number on every rank (``distributed.lockstep``);
+        the draws of a step that is not real run and are discarded.
     """
     # An in-memory store dies with its process: nothing to resume from, so no checkpoints.
     checkpoint = _Checkpoint(store, store.layers, key) if store.path is not None else None
     resumed = checkpoint.load(device) if checkpoint is not None else None
     sums, done = resumed if resumed is not None else (zero_sums(store.layers, device), set())
     unsaved = 0
-    for first_row, batch in batches:
-        if first_row in done:
-            continue
+    pending = ((first_row, batch) for first_row, batch in batches if first_row not in done)
+    steps = in_step(pending) if in_step is not None else ((item, True) for item in pending)
+    for (first_row, batch), real in steps:
         rows = 0
         for draw in range(draws(fisher_loss_fn, samples)):
             if isinstance(fisher_loss_fn, ExactClasses):
@@ -161,8 +165,11 @@ def sampled_sums(
                     return fisher_loss_fn(model, batch, generator)
 
             out = features(first_row, batch, loss_at_drawn_targets)
-            add_outer_products(sums, out, store.offsets)
+            if real:
+                add_outer_products(sums, out, store.offsets)
             rows = out.shape[0]
+        if not real:
+            continue
         done.add(first_row)
         unsaved += rows
         if checkpoint is not None and unsaved >= checkpoint_rows:
