@@ -73,7 +73,8 @@ def _rank(rank: int, world: int, port: int, args, store: str, out: str) -> None:
         peak = _status("VmHWM") - before
         scorer = attr._scorer_checked()
         factors = getattr(scorer, "owned", scorer.precondition).factors  # a plain Scorer at 1
-        held = sum(f.numel() * 4 + factors[n].numel() * 8 for n, f in attr._fishers.items())
+        held = sum(f.numel() * f.element_size() + factors[n].numel() * factors[n].element_size()
+                   for n, f in attr._fishers.items())
         with open(os.path.join(out, f"{world}.{rank}.json"), "w") as f:
             json.dump({"layers": len(factors), "held": held, "peak": peak}, f)
     finally:

@@ -409,3 +409,23 @@ def test_bad_compressor_configs_and_data():
                            progress=False)  # efim would need a 20100 x 20100 matrix
     with pytest.raises(ValueError, match="at most k_l = "):
         big.cache(torch.randn(2, 200))
+
+
+def test_factor_precision_follows_the_condition_bound():
+    """The damped factor is fp32 where the damping bounds the condition number (the default
+    relative damping always does), fp64 where it does not, and fp32 factors score like fp64."""
+    from grass.curvature import FP32_FACTOR_CONDITION, Preconditioner, damped_cholesky
+
+    torch.manual_seed(3)
+    k = 48
+    phi = torch.randn(200, k) * torch.arange(1, k + 1).float() ** -1.0
+    fisher = phi.T @ phi / 200
+    assert damped_cholesky(fisher, 0.5).dtype == torch.float32
+    tiny = float(fisher.trace()) / FP32_FACTOR_CONDITION / 10  # bound about 10 x the limit
+    assert damped_cholesky(fisher, 0.0, absolute_damping=tiny).dtype == torch.float64
+    offsets = {"layer": (0, k)}
+    test = torch.randn(5, k)
+    got = Preconditioner.efim({"layer": fisher}, offsets, 0.5)(test)
+    exact = torch.linalg.solve(fisher.double() + 0.5 * float(fisher.trace()) / k
+                               * torch.eye(k, dtype=torch.float64), test.double().T).T
+    assert float((got.double() - exact).norm() / exact.norm()) < 1e-5

@@ -27,6 +27,10 @@ MAX_EFIM_K = 16384
 # matrix is called ill-conditioned: scores then carry only a few correct digits.
 ILL_CONDITIONED = 1e8
 DEFAULT_CHUNK = 4096
+# Largest condition-number bound (tr(F) + lam) / lam at which a damped factor is kept in fp32:
+# scores through fp32 factors stayed within 1e-5 of fp64 ones up to this bound in the factor
+# precision measurement of bench/README.md; at the default relative damping the bound is 2k + 1.
+FP32_FACTOR_CONDITION = 1e6
 
 
 def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
@@ -76,7 +80,7 @@ class Preconditioner:
     """Applies (F_l + lambda_l I)^{-1} to each layer's columns of a feature matrix.
 
     ``factors`` is None for hessian="identity"; otherwise name -> Cholesky factor L
-    (fp64) of the damped F_l.
+    (fp32 or fp64, see ``damped_cholesky``) of the damped F_l.
     """
 
     def __init__(
@@ -112,14 +116,16 @@ class Preconditioner:
         out = torch.zeros_like(features, dtype=torch.float32)
         for name, factor in self.factors.items():
             start, stop = self.offsets[name]
-            block = features[:, start:stop].to(factor.device, torch.float64)
+            block = features[:, start:stop].to(factor.device, factor.dtype)
             out[:, start:stop] = torch.cholesky_solve(block.T, factor).T.to(out.device)
         return out
 
 
 def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "",
                     absolute_damping: float = 0.0) -> torch.Tensor:
-    """Cholesky factor (fp64) of fisher + (damping * tr(fisher) / k + absolute_damping) * I.
+    """Cholesky factor of fisher + (damping * tr(fisher) / k + absolute_damping) * I, computed
+    in fp64 and kept in fp32 where the damping bounds the condition number by
+    ``FP32_FACTOR_CONDITION`` (always at the default relative damping), else in fp64.
 
     fisher: (k, k) float. If the factorisation fails (an indefinite matrix from rounding at tiny
     damping), the damping grows tenfold until it succeeds, with a warning; a warning also flags
@@ -154,7 +160,9 @@ def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "",
             RuntimeWarning,
             stacklevel=3,
         )
-    return factor
+    # The eigenvalues of F + lam I lie in [lam, tr(F) + lam]: a bound on the condition number.
+    bound = (scale * k + lam) / lam
+    return factor.float() if bound <= FP32_FACTOR_CONDITION else factor
 
 
 # -- kept with the store -----------------------------------------------------------------------
