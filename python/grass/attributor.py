@@ -506,9 +506,11 @@ class Attributor:
                 self._fishers = curvature.load_fisher(
                     self.store, self.hessian, self.chunk_size, self.device,
                     names=distributed.own_layers(self.store.layers))
+            # Factors are computed and kept on the capture device, beside the test features.
             precondition = (Preconditioner.identity(offsets) if self._fishers is None else
-                            Preconditioner.efim(self._fishers, offsets, self.damping,
-                                                self.absolute_damping))
+                            Preconditioner.efim({name: f.to(self.device) for name, f
+                                                 in self._fishers.items()}, offsets,
+                                                self.damping, self.absolute_damping))
             # cosine and self_influence read the train norms kept with the store under this
             # curvature and damping, or compute them once and keep them there.
             norms = TrainNorms(self.store, self.hessian, (self.damping, self.absolute_damping)
