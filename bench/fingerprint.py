@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import grass
-from bench.timing import ensure_malloc_env, format_table, interleaved_ms
+from bench.timing import ensure_malloc_env, format_table, interleaved_ms, report
 from grass import attributor
 from grass.fingerprint import model_fingerprint
 
@@ -77,10 +77,7 @@ def main() -> None:
     text = (f"{n_params / 1e9:.2f}e9 parameters ({args.layers} x Linear({args.width}, "
             f"{args.width}), {args.dtype}, CPU, torch threads {torch.get_num_threads()}), "
             f"{args.rounds} interleaved rounds:\n\n{table}\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

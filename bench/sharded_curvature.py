@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import grass
-from bench.timing import format_table
+from bench.timing import format_table, report
 
 
 def _model(layers: int, width: int) -> nn.Module:
@@ -117,10 +117,7 @@ def main() -> None:
     text = (f"{args.layers} layers, k_l = {args.k}, {args.rows} rows (store "
             f"{args.rows * args.layers * args.k * 4 / 1e6:.0f} MB), gloo on one CPU machine:\n\n"
             + format_table(rows, list(rows[0])) + "\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,11 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in cells]
     return "\n".join(out)
+
+
+def report(text: str, out: str | None) -> None:
+    """Print a result table and, when ``out`` names a file, write it there too."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
