@@ -62,8 +62,7 @@ def main() -> None:
         for j in range(3):
             print(f"test {j}: top train rows {indices[j].tolist()}, "
                   f"scores {[round(v, 3) for v in values[j].tolist()]}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    grass.distributed.shutdown()
 
 
 if __name__ == "__main__":

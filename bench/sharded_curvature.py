@@ -18,16 +18,13 @@ import argparse
 import glob
 import json
 import os
-import socket
 import tempfile
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import grass
+from bench.ranks import free_port, gloo_group, launch
 from bench.timing import format_table, report
 
 
@@ -59,10 +56,7 @@ def _status(field: str) -> int:
 
 
 def _rank(rank: int, world: int, port: int, args, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=600))
-    try:
+    with gloo_group(rank, world, port, timeout_s=600):
         attr = _attributor(args, store)
         data = _data(args.rows, args.width)
         with open("/proc/self/clear_refs", "w") as f:
@@ -77,14 +71,6 @@ def _rank(rank: int, world: int, port: int, args, store: str, out: str) -> None:
                    for n, f in attr._fishers.items())
         with open(os.path.join(out, f"{world}.{rank}.json"), "w") as f:
             json.dump({"layers": len(factors), "held": held, "peak": peak}, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -104,8 +90,7 @@ def main() -> None:
         for world in map(int, args.worlds.split(",")):
             for path in glob.glob(os.path.join(store, "arrays", "efim.*")):
                 os.remove(path)  # every world size accumulates and factorises afresh
-            mp.start_processes(_rank, args=(world, _free_port(), args, store, out),
-                               nprocs=world, start_method="spawn")
+            launch(_rank, world, (world, free_port(), args, store, out), timeout_s=1800)
             ranks = [json.load(open(os.path.join(out, f"{world}.{r}.json")))
                      for r in range(world)]
             rows.append({"ranks": world,

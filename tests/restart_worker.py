@@ -29,8 +29,10 @@ def main(store: str, out: str) -> None:
         scores = attr.attribute(_data(N_TEST, 2))
         if rank == 0:
             torch.save({"attempt": attempt, "scores": scores}, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,16 +11,13 @@ missing rows; a run with another configuration on the same store is refused on e
 from __future__ import annotations
 
 import os
-import socket
-import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch.multiprocessing import ProcessExitedException
 
 import grass
+from bench.ranks import free_port, gloo_group, launch
 from grass import distributed
 from grass.data import make_mlp, per_example_loss
 from grass.store import StoreError
@@ -66,10 +63,7 @@ def _counting(loss_fn, counter: list[int], die_after: int | None):
 
 def _worker(rank: int, world: int, port: int, store: str, out: str, die: tuple[int, int] | None):
     """One rank: cache, score, save the results (rank 0) and its example count."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, world, port, TIMEOUT_S):
         counter = [0, 0]
         victim, after = die if die is not None else (-1, None)
         loss = _counting(per_example_loss, counter, after if rank == victim else None)
@@ -91,37 +85,12 @@ def _worker(rank: int, world: int, port: int, store: str, out: str, die: tuple[i
         owned = sorted(attr._scorer_checked().owned.factors)  # curvature held on this rank
         torch.save({"examples": cached, "refused": refused, "in_memory": in_memory,
                     "results": results, "owned": owned}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(world: int, store, out, die=None) -> None:
     """Run ``world`` ranks of _worker; raises ProcessExitedException if one dies."""
     os.makedirs(out, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(store), str(out), die),
-                             nprocs=world, join=False, start_method="spawn")
-    _wait(ctx, world)
-
-
-def _wait(ctx, world: int) -> None:
-    """Join spawned ranks; raises ProcessExitedException if one dies, TimeoutError if they
-    hang (then every rank still alive is killed)."""
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    launch(_worker, world, (world, free_port(), str(store), str(out), die), TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +159,7 @@ def test_two_ranks_match_single_process(tmp_path, single):
 
 def test_killed_rank_resumes_with_another_world_size(tmp_path, single):
     path = tmp_path / "store"
-    with pytest.raises(mp.ProcessExitedException, match="exit code 17"):
+    with pytest.raises(ProcessExitedException, match="exit code 17"):
         _launch(2, path, tmp_path / "killed", die=(1, 3))  # rank 1 dies in its 4th batch
     missing = grass.GradientStore.load(path).missing()
     n_missing = sum(b - a for a, b in missing)

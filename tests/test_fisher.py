@@ -7,18 +7,14 @@ influence must predict actual leave-one-out retraining; the retrained models are
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 import grass
+from bench.ranks import free_port, gloo_group, launch
 from grass.data import make_mlp, per_example_loss, sampled_label_loss
 from grass.fisher import draw_generator
 
@@ -297,28 +293,16 @@ def test_killed_fisher_pass_resumes_from_its_checkpoint(tmp_path):
     assert calls["batches"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=90))
-    try:
+    with gloo_group(rank, world, port, timeout_s=90):
         scores = _scores(_fisher_attributor(store))
         if rank == 0:
             torch.save(scores, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fisher_sharded_over_two_ranks_equals_one_process(tmp_path):
     out = str(tmp_path / "scores.pt")
-    mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path / "ranks"), out), nprocs=2,
-                       start_method="spawn", join=True)
+    launch(_rank, 2, (2, free_port(), str(tmp_path / "ranks"), out))
     single = _scores(_fisher_attributor(tmp_path / "single"))
     torch.testing.assert_close(torch.load(out), single, rtol=1e-5, atol=1e-6 * single.abs().max())
 

@@ -11,17 +11,15 @@ gives the same gradients as one before).
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers", reason="FSDP tests use transformers models")
 
 import grass  # noqa: E402
 from grass.tasks import CausalLM  # noqa: E402
-from test_distributed import _free_port, _wait  # noqa: E402
+from bench.ranks import free_port, gloo_group, launch  # noqa: E402
 
 N_TRAIN, N_TEST, T, VOCAB, BATCH, TOP = 11, 3, 8, 67, 3, 4  # 67: uneven shards of the embedding
 MODELS = ("gpt2", "llama")
@@ -88,10 +86,7 @@ def _state(model) -> dict[str, tuple]:
 def _worker(rank: int, world: int, port: int, kind: str, hessian: str, store: str,
             out: str) -> None:
     from torch.distributed.fsdp import fully_shard
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         model = _model(kind)
         for block in _blocks(model):
             fully_shard(block)
@@ -109,23 +104,18 @@ def _worker(rank: int, world: int, port: int, kind: str, hessian: str, store: st
         torch.save({"results": results, "config": attr.config, "unchanged": unchanged,
                     "sharded": all(s[3] for s in after.values()), "same_grads": same_grads},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind, hessian",
                          [(kind, "efim") for kind in MODELS] + [("llama", "fisher")])
 def test_fsdp2_two_ranks_match_unsharded(tmp_path, kind, hessian):
-    import torch.multiprocessing as mp
     torch.set_num_threads(1)
     reference = _attributor(_model(kind), tmp_path / "single", hessian)
     reference.cache(_data(N_TRAIN, 1))
     expected = _results(reference)
     out = tmp_path / "out"
     os.makedirs(out)
-    args = (2, _free_port(), kind, hessian, str(tmp_path / "store"), str(out))
-    ctx = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
-    _wait(ctx, 2)
+    launch(_worker, 2, (2, free_port(), kind, hessian, str(tmp_path / "store"), str(out)))
     for rank in range(2):
         got = torch.load(os.path.join(out, f"rank{rank}.pt"))
         assert got["config"] == reference.config  # same fingerprint and class name, unsharded

@@ -14,17 +14,14 @@ import multiprocessing
 import os
 import signal
 import socket
-from datetime import timedelta
 
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import grass
 from grass.store import StoreError
 from grass.store_lock import LOCK_FILE, StoreLease, holder_identity
-from test_distributed import N_TRAIN, _attributor, _data, _free_port, _wait
+from bench.ranks import free_port, gloo_group, launch
+from test_distributed import N_TRAIN, _attributor, _data
 
 
 def _hold(path: str, ready) -> None:
@@ -35,28 +32,19 @@ def _hold(path: str, ready) -> None:
 
 
 def _rank(rank: int, world: int, port: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    try:
-        _attributor(store).cache(_data(N_TRAIN, 1))
-        result = "cached"
-    except StoreError as e:
-        result = str(e)
-    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-        f.write(result)
-    dist.barrier()
-    # After a refused run, tearing the gloo group down sometimes aborts rank 0 inside gloo
-    # ("terminate called without an active exception") once both ranks have reported: the
-    # results are written, so leave without running the group's destructors.
-    os._exit(0)
+    with gloo_group(rank, world, port):
+        try:
+            _attributor(store).cache(_data(N_TRAIN, 1))
+            result = "cached"
+        except StoreError as e:
+            result = str(e)
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(result)
 
 
 def _run_two_ranks(store, out) -> list[str]:
     os.makedirs(out, exist_ok=True)
-    ctx = mp.start_processes(_rank, args=(2, _free_port(), str(store), str(out)), nprocs=2,
-                             join=False, start_method="spawn")
-    _wait(ctx, 2)
+    launch(_rank, 2, (2, free_port(), str(store), str(out)))
     return [open(os.path.join(out, f"rank{r}.txt")).read() for r in range(2)]
 
 

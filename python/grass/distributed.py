@@ -22,7 +22,8 @@ here reduces to the single-process path.
   train set, and scoring (not test capture) dominates.
 * A model sharded with FSDP2 runs collectives in its forward: ranks step through their batches
   in lockstep (``lockstep``). ``lease`` keeps a second run off a store being written;
-  ``init_torchrun`` joins a torchrun group so that ``--max-restarts`` can re-form it.
+  ``init_torchrun`` joins a torchrun group so that ``--max-restarts`` can re-form it, and
+  ``shutdown`` leaves it at the end of the script.
 
 Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: call
 ``torch.cuda.set_device(local_rank)`` and put the model on that device, as usual under torchrun.
@@ -44,7 +45,7 @@ from .store_lock import StoreLease
 
 __all__ = ["ShardedScorer", "active", "barrier", "fisher", "init_torchrun", "layer_owners",
            "lease", "lockstep", "mean_over_ranks", "open_store", "own_layers", "own_rows",
-           "rank_world", "scorer", "shard", "sharded_model", "split"]
+           "rank_world", "scorer", "shard", "sharded_model", "shutdown", "split"]
 
 T = TypeVar("T")
 
@@ -142,6 +143,17 @@ def lockstep(items: Iterator[T], spare: Callable[[], T]) -> Iterator[tuple[T, bo
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a run: wait until every rank is done, then destroy
+    the group. Tearing gloo down while a peer still uses its connections can abort the process
+    (std::terminate inside gloo), so call this, not ``destroy_process_group`` alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _device() -> torch.device:
