@@ -9,7 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # test_distributed, and bench.ranks beside tests/
 from test_distributed import N_TEST, N_TRAIN, _attributor, _counting, _data  # noqa: E402
 
 from grass import distributed  # noqa: E402
