@@ -46,7 +46,7 @@ def recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 # -- recall on real features --------------------------------------------------------------------
 def digits_recall(workdir: Path) -> list[dict]:
-    from grass.data import load_digits, per_example_loss
+    from grass.demo.digits import load_digits, per_example_loss
 
     task = load_digits(n_train=1500, n_test=297)
     model = task.train()

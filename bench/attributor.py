@@ -14,7 +14,7 @@ The malloc thresholds of bench.timing.ensure_malloc_env are set for both sides (
     .venv/bin/python -m bench.attributor [--batches 4] [--repeats 5]
 
 ``--damping`` instead measures LDS against the relative damping on the digits benchmark
-(grass.data, 1000 train / 100 test, 3 checkpoints, 50 retrained half subsets; the ground truth
+(grass.demo.digits, 1000 train / 100 test, 3 checkpoints, 50 retrained half subsets; the ground truth
 is cached in bench/results/digits_lds.npz): the evidence behind grass's DEFAULT_DAMPING.
 
     .venv/bin/python -m bench.attributor --damping
@@ -65,8 +65,8 @@ DAMPINGS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.5, 1.0, 10.0)
 def damping_sweep() -> None:
     """LDS per compressor and relative damping on digits, averaged over 3 checkpoints."""
     import grass
-    from grass.data import load_digits, per_example_loss
-    from grass.lds import subset_targets
+    from grass.demo.digits import load_digits, per_example_loss
+    from grass.demo.retrain import subset_targets
 
     task = load_digits()
     models = task.ensemble(3)
@@ -100,8 +100,9 @@ def fisher_study(n_test: int = 500, n_subsets: int = 100) -> None:
     """LDS with bootstrap intervals on digits: efim against fisher, relative against absolute
     damping (= the training weight decay), one checkpoint against an ensemble of three."""
     import grass
-    from grass.data import load_digits, per_example_loss, sampled_label_loss
-    from grass.lds import lds_per_example, subset_targets
+    from grass.demo.digits import load_digits, per_example_loss, sampled_label_loss
+    from grass.demo.retrain import subset_targets
+    from grass.lds import lds_per_example
 
     from bench.lds_table import lds_tables
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import grass
-from grass.data import load_digits, per_example_loss
+from grass.demo.digits import load_digits, per_example_loss
 
 
 def _setup() -> torch.device:

@@ -5,8 +5,8 @@
 
 Pipeline: train a byte-level GPT-2 on blocks of the Python standard library (bench/lm_data.py);
 retrain it on random 50% subsets, each with several batch orders whose test losses are averaged
-(the LDS ground truth, cached in <out>/lm_groundtruth.npz by grass.lds.subset_targets, so only
-the first run pays for it); attribute the test blocks to the training blocks through every
+(the LDS ground truth, cached in <out>/lm_groundtruth.npz by grass.demo.retrain.subset_targets,
+so only the first run pays for it); attribute the test blocks to the training blocks through every
 Linear/Conv1D layer with each method of ``methods``: efim against fisher (targets sampled from
 the model, S draws), relative against absolute damping, one checkpoint against the mean over
 several, the compressors, and uncompressed gradients. LDS per test block gives each method a
@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 import grass
 import grass.distributed
 from grass.attributor import DEFAULT_DAMPING, DEFAULT_FISHER_SAMPLES
-from grass.lds import lds_per_example, subset_targets
+from grass.demo.retrain import subset_targets
+from grass.lds import lds_per_example
 
 from .lds_table import lds_tables
 from .lm_data import LMConfig, evaluate, load_blocks, per_example_loss, sampled_token_loss, train

@@ -14,14 +14,14 @@ sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # test_distributed, and bench.ra
 from test_distributed import N_TEST, N_TRAIN, _attributor, _counting, _data  # noqa: E402
 
 from grass import distributed  # noqa: E402
-from grass.data import per_example_loss  # noqa: E402
+from grass.demo.digits import per_example_loss  # noqa: E402
 
 
 def main(store: str, out: str) -> None:
     torch.set_num_threads(1)
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     distributed.init_torchrun("gloo")
-    try:
+    with distributed.leaving_group():
         rank = dist.get_rank()
         counter = [0, 0]
         loss = _counting(per_example_loss, counter, 2 if (rank, attempt) == (1, 0) else None)
@@ -30,10 +30,6 @@ def main(store: str, out: str) -> None:
         scores = attr.attribute(_data(N_TEST, 2))
         if rank == 0:
             torch.save({"attempt": attempt, "scores": scores}, out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch.multiprocessing import ProcessExitedException
 import grass
 from bench.ranks import free_port, gloo_group, launch
 from grass import distributed
-from grass.data import make_mlp, per_example_loss
+from grass.demo.digits import make_mlp, per_example_loss
 from grass.store import StoreError
 
 N_TRAIN, N_TEST, BATCH, TOP = 61, 7, 4, 5  # odd sizes: shards and batches never line up

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import grass
 from bench.ranks import free_port, gloo_group, launch
-from grass.data import make_mlp, per_example_loss, sampled_label_loss
+from grass.demo.digits import make_mlp, per_example_loss, sampled_label_loss
 from grass.fisher import draw_generator
 
 # -- the convex model --------------------------------------------------------------------------

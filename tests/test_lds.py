@@ -7,8 +7,9 @@ import torch
 from scipy.stats import spearmanr
 
 import grass
-from grass.data import load_digits, margins
-from grass.lds import lds_per_example, random_subsets, spearman_columns, subset_targets
+from grass.demo.digits import load_digits, margins
+from grass.demo.retrain import random_subsets, subset_targets
+from grass.lds import lds_per_example, spearman_columns
 
 
 def _brute_force_lds(scores, subsets, targets) -> float:

@@ -9,7 +9,7 @@ import torch
 import grass_kernels as gk
 from grass import Attributor, FactGraSS, GradientStore, Identity, SelectiveMask
 from grass.compressors import layer_seed
-from grass.data import load_digits, per_example_loss
+from grass.demo.digits import load_digits, per_example_loss
 from grass.selective import (
     _pairwise_corr,
     load_masks,

@@ -23,7 +23,7 @@ here reduces to the single-process path.
 * A model sharded with FSDP2 runs collectives in its forward: ranks step through their batches
   in lockstep (``lockstep``). ``lease`` keeps a second run off a store being written;
   ``init_torchrun`` joins a torchrun group so that ``--max-restarts`` can re-form it, and
-  ``shutdown`` leaves it at the end of the script.
+  ``shutdown`` (or the block ``leaving_group``) leaves it at the end of the script.
 
 Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: call
 ``torch.cuda.set_device(local_rank)`` and put the model on that device, as usual under torchrun.
@@ -32,6 +32,7 @@ Collectives run on the CPU for gloo and on ``cuda:current_device()`` for nccl: c
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
@@ -45,7 +46,8 @@ from .store_lock import StoreLease
 
 __all__ = ["ShardedScorer", "active", "barrier", "fisher", "init_torchrun", "layer_owners",
            "lease", "lockstep", "mean_over_ranks", "open_store", "own_layers", "own_rows",
-           "rank_world", "scorer", "shard", "sharded_model", "shutdown", "split"]
+           "leaving_group", "rank_world", "scorer", "shard", "sharded_model", "shutdown",
+           "split"]
 
 T = TypeVar("T")
 
@@ -154,6 +156,20 @@ def shutdown() -> None:
     if dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
+
+
+@contextmanager
+def leaving_group() -> Iterator[None]:
+    """Run the block, then leave the process group (if one is initialised): ``shutdown`` when
+    the block ends normally; when it raises, destroy the group at once (the other ranks may
+    never reach the barrier) and re-raise."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    shutdown()
 
 
 def _device() -> torch.device:
