@@ -249,7 +249,7 @@ def build_index(args: argparse.Namespace) -> None:
         "k", "layers", "hessian", "damping", "store_dtype", "batch_size", "seed")}
     attr = hf.build(args.model, args.data, args.out, truncate=not args.no_truncate, **options)
     print(f"index {args.out}: {attr.store.n_rows} documents, {attr.store.width} features per "
-          f"document over {len(attr.store.layers)} layers")
+          f"document over {len(attr.store.layout)} layers")
 
 
 def query_index(args: argparse.Namespace) -> None:
