@@ -1,5 +1,7 @@
 """Per-layer records: the column Layout, and the Attributor's and the store's records agreeing."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +93,12 @@ def test_store_listing_the_layers_in_another_order_is_refused(tmp_path):
         grass.Attributor.load(path, _model(), _loss, progress=False)
     # The store itself still opens with its own order.
     assert list(GradientStore.load(path).layout) == ["2", "0"]
+
+
+def test_manifest_keeps_the_layers_as_name_k_pairs_in_column_order(tmp_path):
+    # The on-disk form of a store's layers, which existing stores hold and this code must read:
+    # [[name, k], ...] in the manifest, [[name, d_out, d_in, bias], ...] in its config.
+    _attr(tmp_path / "s").cache(_data())
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["layers"] == [["0", 35], ["2", 18]] and manifest["width"] == 53
+    assert manifest["config"]["layers"] == [["0", 5, 6, True], ["2", 3, 5, True]]

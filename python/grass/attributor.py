@@ -134,6 +134,10 @@ class Attributor:
 
     Scores: ``scores[j, i] = phi_j^T (F + lambda I)^{-1} phi_i``; positive means training on
     example i lowers test example j's loss.
+
+    Once built, ``attr.layers`` holds the captured layers' records (``grass.layers``): name ->
+    TrackedLayer (module, shape, compressor map, columns) in column order, with their
+    ``attr.layers.layout``, which the store's must equal.
     """
 
     def __init__(
@@ -349,7 +353,7 @@ class Attributor:
                 own, features, self.fisher_loss_fn, store=store, samples=self.fisher_samples,
                 seed=self.seed, key=key, device=self.device, checkpoint_rows=self.chunk_size,
                 on_batch=lambda rows: bar.update(rows * draws), in_step=self._in_step(source))
-        return distributed.mean_over_ranks(sums, source.n * draws)
+        return distributed.mean_over_ranks(sums, source.n * draws, store.layout)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, loss_fn, *,

@@ -2,6 +2,7 @@
 
 ``track_layers`` selects the layers and builds their records (module, shape, compressor map,
 columns: ``grass.layers.TrackedLayers``); ``Capture`` fills each layer's columns of a feature row.
+
 While a ``Capture`` is active, every selected layer runs its forward through ``_CapturedLinear``,
 a custom autograd Function with the same output. Its backward computes only the input gradient
 (for the rest of the network) and hands the layer's inputs and output gradients to the layer's
@@ -113,9 +114,10 @@ class _CapturedLinear(torch.autograd.Function):
 class Capture:
     """Context manager that captures compressed per-example gradients of ``layers``.
 
-    Each tracked layer's map fills its columns of a feature row. Inside the ``with`` block, ``features(batch, loss_fn, token_mask)`` returns (B, width) fp32. On
-    exit, however the block ends, the model is as it was: parameters, requires_grad, training
-    flags and forward methods.
+    Each tracked layer's map fills its columns of a feature row. Inside the ``with`` block,
+    ``features(batch, loss_fn, token_mask)`` returns (B, width) fp32. On exit, however the
+    block ends, the model is as it was: parameters, requires_grad, training flags and forward
+    methods.
     """
 
     def __init__(self, model: nn.Module, layers: TrackedLayers):

@@ -85,8 +85,9 @@ def check_efim_sizes(layout: Layout) -> None:
 class Preconditioner:
     """Applies (F_l + lambda_l I)^{-1} to each layer's columns of a feature matrix.
 
-    ``factors`` is None for hessian="identity"; otherwise name -> Cholesky factor L
-    (fp32 or fp64, see ``damped_cholesky``) of the damped F_l.
+    ``layout`` places the layers' columns; ``factors`` is None for hessian="identity",
+    otherwise name -> Cholesky factor L (fp32 or fp64, see ``damped_cholesky``) of the damped
+    F_l.
     """
 
     def __init__(self, layout: Layout, factors: Mapping[str, torch.Tensor] | None):

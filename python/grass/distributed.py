@@ -239,16 +239,17 @@ def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
     return {name: mat.cpu() / store.n_rows for name, mat in sums.items()}
 
 
-def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Every rank's per-layer sums added up on the layer's owner (reduce SUM) and divided by
-    ``count``: this rank's own layers, name -> fp32 on the CPU."""
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: int,
+                    layout: Layout) -> dict[str, torch.Tensor]:
+    """Every rank's per-layer sums (name -> (k_l, k_l), every layer of ``layout``) added up on
+    the layer's owner (reduce SUM) and divided by ``count``: this rank's own layers, name ->
+    fp32 on the CPU. Every rank reduces the layers in ``layout``'s order."""
     if not active():
-        return {name: mat.cpu() / count for name, mat in sums.items()}
-    owners, rank = layer_owners({n: m.shape[0] for n, m in sums.items()}, dist.get_world_size()), \
-        dist.get_rank()
+        return {name: sums[name].cpu() / count for name in layout}
+    owners, rank = layer_owners(layout.sizes, dist.get_world_size()), dist.get_rank()
     out = {}
-    for name, mat in sums.items():
-        mat = mat.to(_device())
+    for name in layout:
+        mat = sums[name].to(_device())
         dist.reduce(mat, dst=owners[name], op=dist.ReduceOp.SUM)
         if owners[name] == rank:
             out[name] = mat.cpu() / count

@@ -1,4 +1,4 @@
-"""Per-layer records: where each layer's features sit in a feature row, and what is tracked for it.
+"""Per-layer records: each layer's columns in a feature row, and what is tracked for it.
 
 A feature row is the concatenation of every captured layer's k_l compressed coordinates.
 ``Layout`` is that row's plan: an ordered, immutable mapping name -> ``LayerColumns`` (the
@@ -56,7 +56,8 @@ class _ByName(Mapping, Generic[R]):
         try:
             return self._records[name]
         except KeyError:
-            raise KeyError(f"no layer named {name!r}; the layers are {list(self._records)}") from None
+            raise KeyError(f"no layer named {name!r}; the layers are {list(self._records)}"
+                           ) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._records)
@@ -123,8 +124,9 @@ class TrackedLayers(_ByName[TrackedLayer]):
     def __init__(self, layers: Iterable[tuple[nn.Module, LayerShape, LayerMap]]):
         layers = list(layers)
         self.layout = Layout((shape.name, layer_map.k) for _, shape, layer_map in layers)
-        super().__init__({shape.name: TrackedLayer(module, shape, layer_map, self.layout[shape.name])
-                          for module, shape, layer_map in layers})
+        super().__init__({
+            shape.name: TrackedLayer(module, shape, layer_map, self.layout[shape.name])
+            for module, shape, layer_map in layers})
 
     def config(self) -> list[list]:
         """[[name, d_out, d_in, bias], ...] in column order: the layers' part of a config."""

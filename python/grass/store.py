@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .layers import Layout
 from .store_progress import (FORMAT, ChecksumError, ChecksumTable, Claims, Intervals,
                              StoreError, WriterProgress, create_sparse, read_json, read_record,
                              read_records, verify_block, write_atomic)
-from .layers import Layout
 from .store_repair import find_damage
 
 __all__ = ["ChecksumError", "GradientStore", "StoreError", "write_atomic"]
@@ -82,8 +82,7 @@ def _check_layer_order(path: str, found: Any, wanted: list[list]) -> None:
     columns."""
     if not isinstance(found, list) or found == wanted:
         return
-    pairs = [tuple(p) if isinstance(p, list) else p for p in found]
-    if sorted(pairs, key=repr) == sorted(map(tuple, wanted), key=repr):
+    if sorted(found, key=repr) == sorted(wanted, key=repr):
         raise StoreError(f"the store at {path} holds the requested layers in another column "
                          f"order ({[p[0] for p in found]}; requested "
                          f"{[p[0] for p in wanted]}): its rows cannot be read with the requested "
