@@ -103,7 +103,7 @@ def synthetic_attributor(path: Path, n: int, *, seed: int = 0) -> grass.Attribut
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(SYNTHETIC_LAYERS)])
     attr = grass.Attributor(model, lambda m, b: m(b).sum(1), grass.FactGraSS(k=SYNTHETIC_K),
                             store=path, store_dtype=torch.bfloat16, progress=False)
-    store = GradientStore.open(path, config=attr.config, n_rows=n, layers=attr.layer_sizes,
+    store = GradientStore.open(path, config=attr.config, n_rows=n, layers=attr.layers.layout,
                                dtype=torch.bfloat16)
     basis = synthetic_basis(seed)
     chunk = 8192
@@ -113,8 +113,8 @@ def synthetic_attributor(path: Path, n: int, *, seed: int = 0) -> grass.Attribut
         store.write(start, synthetic_rows(basis, stop - start, seed=seed * 10**7 + start))
     if not curvature.has_fisher(store, "efim"):
         sample = store.read(0, min(n, 8192))
-        fishers = {name: (sample[:, a:b].T @ sample[:, a:b]) / sample.shape[0]
-                   for name, (a, b) in store.offsets.items()}
+        fishers = {name: (sample[:, c.cols].T @ sample[:, c.cols]) / sample.shape[0]
+                   for name, c in store.layout.items()}
         curvature.save_fisher(store, "efim", fishers, (attr.damping, attr.absolute_damping))
     return grass.Attributor.load(path, model, attr.loss_fn, progress=False)
 

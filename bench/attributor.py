@@ -230,7 +230,7 @@ def main() -> None:
             "cache per batch (s)": f"{statistics.median(cache):.3f}",
             "efim cache of 1 batch (s)": f"{time.perf_counter() - t0:.1f}",
         })
-    print(f"GPT-2 (2 layers, d=768, vocab 1024), batch 4x128, {len(attrs[0].maps)} captured "
+    print(f"GPT-2 (2 layers, d=768, vocab 1024), batch 4x128, {len(attrs[0].layers)} captured "
           f"layers, {args.batches} batches per timing, {args.repeats} rounds, train step median "
           f"{statistics.median(train_times):.3f} s, malloc thresholds set")
     print(format_table(rows, list(rows[0])))

@@ -47,6 +47,18 @@ def old_scoring_module(ref: str, directory: str):
     return module_at(ref, "python/grass/scoring.py", "grass.baseline_scoring", directory)
 
 
+class BaselineStoreView:
+    """``store`` as the baseline scorer reads it: every attribute of the store, plus its
+    columns as the name -> (start, stop) dict ``offsets`` that the baseline module takes."""
+
+    def __init__(self, store: GradientStore):
+        self._store = store
+        self.offsets = {name: (c.start, c.stop) for name, c in store.layout.items()}
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
 def synthetic_store(path: str, n_rows: int, width: int, dtype: torch.dtype) -> GradientStore:
     """A store of n_rows seeded random rows in LAYERS equal layers, reused when it exists."""
     layers = {f"layer{i}": width // LAYERS for i in range(LAYERS)}
@@ -123,8 +135,8 @@ def main() -> None:
         for start in tqdm(range(0, store.n_rows, args.chunk), desc="verify checksums"):
             store.read_raw(start, min(start + args.chunk, store.n_rows))
         gb = os.path.getsize(rows_bin) / 1e9
-        identity = Preconditioner.identity(store.offsets)
-        scorers = {"old": old.Scorer(store, identity, args.chunk),
+        identity = Preconditioner.identity(store.layout)
+        scorers = {"old": old.Scorer(BaselineStoreView(store), identity, args.chunk),
                    "new": Scorer(store, identity, args.chunk)}
         g = torch.Generator().manual_seed(1)
         results = []
@@ -170,12 +182,12 @@ def cosine_table(store, old, args, gb: float) -> str:
     gb *= rows[1] / store.n_rows
     fishers = {name: s / rows[1] for name, s in
                curvature.fisher_sums(store, rows, args.chunk).items()}
-    pre = Preconditioner.efim(fishers, store.offsets, 0.5)
+    pre = Preconditioner.efim(fishers, store.layout, 0.5)
     new = Scorer(store, pre, args.chunk, rows=rows)
     t0 = time.perf_counter()
     new.train_quadratics()
     once = time.perf_counter() - t0
-    base = old.Scorer(store, pre, args.chunk, rows=rows)
+    base = old.Scorer(BaselineStoreView(store), pre, args.chunk, rows=rows)
     test = torch.randn(16, store.width, generator=torch.Generator().manual_seed(2))
     sec = timed_rounds({"old": lambda: base.scores(test, cosine=True),
                         "new": lambda: new.scores(test, cosine=True)}, args.rounds)

@@ -132,7 +132,7 @@ def test_changed_store_is_refused(built, tmp_path):
     # An unrelated array saved later leaves the index valid; a changed curvature does not.
     reopened.store.save_array("notes.extra", torch.zeros(3))
     approx_index.load(copy, reopened._index_identity())
-    layer = next(iter(reopened.store.layers))
+    layer = next(iter(reopened.store.layout))
     fisher = reopened.store.load_array(f"efim.{layer}")
     reopened.store.save_array(f"efim.{layer}", fisher * 2)
     with pytest.raises(ValueError, match="rows or curvature changed"):

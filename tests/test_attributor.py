@@ -43,13 +43,12 @@ def _attr(compressor, **kw):
 
 def _gradients(attr, data) -> dict[str, torch.Tensor]:
     """Materialised per-example G_i per layer (via Identity capture): name -> (n, d_out, d_in')."""
-    ident = grass.Attributor(attr.model, _loss, grass.Identity(), layers=list(attr.modules),
+    ident = grass.Attributor(attr.model, _loss, grass.Identity(), layers=list(attr.layers),
                              progress=False)
     values = ident.features(data).values
     out = {}
-    for name, (start, stop) in ident.offsets.items():
-        shape = attr.modules[name].weight.shape
-        out[name] = values[:, start:stop].reshape(len(values), shape[0], -1)
+    for name, layer in ident.layers.items():
+        out[name] = values[:, layer.columns.cols].reshape(len(values), layer.shape.d_out, -1)
     return out
 
 
@@ -107,9 +106,9 @@ def test_compressed_features_equal_flat_map_of_gradients(compressor):
     data = _data(7)
     got = attr.features(data).values
     grads = _gradients(attr, data)
-    for name, (start, stop) in attr.offsets.items():
+    for name, columns in attr.layers.layout.items():
         ref = _flat_equivalent(compressor, name, grads[name], seed=3)
-        assert rel_err(got[:, start:stop], ref) < 1e-5, name
+        assert rel_err(got[:, columns.cols], ref) < 1e-5, name
 
 
 def test_selective_mask_uses_the_given_indices():
@@ -118,9 +117,9 @@ def test_selective_mask_uses_the_given_indices():
     attr = _attr(grass.SelectiveMask(k=4, indices=idx))
     got = attr.features(data).values
     grads = _gradients(attr, data)
-    for name, (start, stop) in attr.offsets.items():
+    for name, columns in attr.layers.layout.items():
         flat = grads[name].reshape(6, -1)
-        assert rel_err(got[:, start:stop], flat[:, idx[name]] * (flat.shape[1] / 4) ** 0.5) < 1e-6
+        assert rel_err(got[:, columns.cols], flat[:, idx[name]] * (flat.shape[1] / 4) ** 0.5) < 1e-6
     other = _attr(grass.SelectiveMask(k=4, indices={**idx, "0": torch.tensor([1, 2, 3, 4])}))
     assert other.config != attr.config  # a store made with one mask refuses the other
     with pytest.raises(ValueError, match="no trained indices for layer '2'"):
@@ -134,13 +133,13 @@ def test_fact_grass_trained_masks_are_used():
     attr = _attr(grass.FactGraSS(k=4, masks=masks))
     got = attr.features(data).values
     grads = _gradients(attr, data)
-    for name, (start, stop) in attr.offsets.items():
+    for name, columns in attr.layers.layout.items():
         out_idx, in_idx = masks[name]
         g = grads[name]
         scale = (g.shape[1] * g.shape[2] / (len(out_idx) * len(in_idx))) ** 0.5
         ref = gk.sjlt(g[:, out_idx][:, :, in_idx].reshape(5, -1) * scale, 4,
                       seed=layer_seed(0, name, "sjlt"), backend="reference")
-        assert rel_err(got[:, start:stop], ref) < 1e-5
+        assert rel_err(got[:, columns.cols], ref) < 1e-5
 
 
 def test_defaults_and_splits():
@@ -168,7 +167,7 @@ def test_layer_seeds_are_stable_across_processes():
 def test_small_layer_kept_uncompressed_with_note(caplog):
     with caplog.at_level(logging.INFO, logger="grass"):
         attr = _attr(grass.FactGraSS(k=40))  # layer 2 has 30 parameters, layer 0 has 60
-    assert attr.layer_sizes == {"0": 40, "2": 30}
+    assert attr.layers.layout.sizes == {"0": 40, "2": 30}
     assert "layer 2 has 30 parameters <= k = 40; kept uncompressed" in caplog.text
 
 
@@ -189,10 +188,10 @@ def _brute(attr, train, test, damping, phi=None):
     phi = attr.features(train).values if phi is None else phi
     phi, psi = phi.double(), attr.features(test).values.double()
     per_layer, norms_tr, norms_te = [], [], []
-    for start, stop in attr.offsets.values():
-        a, b = phi[:, start:stop], psi[:, start:stop]
+    for columns in attr.layers.layout.values():
+        a, b = phi[:, columns.cols], psi[:, columns.cols]
         if damping is None:
-            inv = torch.eye(stop - start, dtype=torch.float64)
+            inv = torch.eye(columns.k, dtype=torch.float64)
         else:
             fim = a.T @ a / len(a)
             inv = torch.linalg.inv(fim + damping * fim.trace() / len(fim) * torch.eye(len(fim)))
@@ -415,6 +414,7 @@ def test_factor_precision_follows_the_condition_bound():
     """The damped factor is fp32 where the damping bounds the condition number (the default
     relative damping always does), fp64 where it does not, and fp32 factors score like fp64."""
     from grass.curvature import FP32_FACTOR_CONDITION, Preconditioner, damped_cholesky
+    from grass.layers import Layout
 
     torch.manual_seed(3)
     k = 48
@@ -423,9 +423,8 @@ def test_factor_precision_follows_the_condition_bound():
     assert damped_cholesky(fisher, 0.5).dtype == torch.float32
     tiny = float(fisher.trace()) / FP32_FACTOR_CONDITION / 10  # bound about 10 x the limit
     assert damped_cholesky(fisher, 0.0, absolute_damping=tiny).dtype == torch.float64
-    offsets = {"layer": (0, k)}
     test = torch.randn(5, k)
-    got = Preconditioner.efim({"layer": fisher}, offsets, 0.5)(test)
+    got = Preconditioner.efim({"layer": fisher}, Layout([("layer", k)]), 0.5)(test)
     exact = torch.linalg.solve(fisher.double() + 0.5 * float(fisher.trace()) / k
                                * torch.eye(k, dtype=torch.float64), test.double().T).T
     assert float((got.double() - exact).norm() / exact.norm()) < 1e-5

@@ -13,8 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import grass
 from grass.capture import Capture, layer_shape, select_layers
 from grass.compressors import LayerMap
+from grass.layers import TrackedLayers
 
 from conftest import rel_err
+
+
+def _modules(attr: grass.Attributor) -> dict[str, nn.Module]:
+    """The captured modules by name, in column order."""
+    return {name: layer.module for name, layer in attr.layers.items()}
 
 
 def _flat_grads(grads: dict, layers: dict[str, nn.Module]) -> torch.Tensor:
@@ -59,7 +65,7 @@ def test_identity_equals_torch_func_mlp_mean_loss():
     ref = _per_example(
         model, lambda f, xi, yi: F.mse_loss(f(xi[None]), yi[None]), x, y
     )
-    assert rel_err(got, _flat_grads(ref, attr.modules)) < 1e-5
+    assert rel_err(got, _flat_grads(ref, _modules(attr))) < 1e-5
 
 
 class _TokenModel(nn.Module):
@@ -104,7 +110,7 @@ def test_identity_equals_torch_func_3d_with_padding_mask():
         return _masked_token_loss(f(x[None], mask[None]), target[None], mask[None])[0]
 
     ref = _per_example(model, one, batch["x"], batch["attention_mask"], batch["target"])
-    assert rel_err(got, _flat_grads(ref, attr.modules)) < 1e-5
+    assert rel_err(got, _flat_grads(ref, _modules(attr))) < 1e-5
 
 
 def test_token_mask_drops_padded_tokens():
@@ -123,7 +129,7 @@ def test_token_mask_drops_padded_tokens():
         return (((f(x) - target) ** 2).sum(-1) * m).sum()
 
     ref = _per_example(model, one, batch["x"], mask, batch["target"])
-    assert rel_err(got, _flat_grads(ref, attr.modules)) < 1e-5
+    assert rel_err(got, _flat_grads(ref, _modules(attr))) < 1e-5
     unmasked = attr.features({k: v for k, v in batch.items() if k != "attention_mask"}).values
     assert rel_err(unmasked, got) > 1e-2  # the mask did something
 
@@ -162,8 +168,8 @@ def test_identity_equals_torch_func_gpt2_conv1d(gpt2):
     # lm_head shares its weight with the embedding, whose torch.func gradient mixes both uses.
     attr = grass.Attributor(gpt2, loss_fn, grass.Identity(), layers="transformer.*",
                             batch_size=2, progress=False)
-    assert len(attr.modules) == 8 and all(
-        type(m).__name__ == "Conv1D" for m in attr.modules.values()
+    assert len(attr.layers) == 8 and all(
+        type(t.module).__name__ == "Conv1D" for t in attr.layers.values()
     )
     got = attr.features(batch).values
     refs = []
@@ -173,7 +179,7 @@ def test_identity_equals_torch_func_gpt2_conv1d(gpt2):
         g = grad(lambda p: _lm_loss(
             functional_call(gpt2, p, (), {"input_ids": ids, "attention_mask": mask}).logits,
             ids, mask)[0])(params)
-        refs.append(_flat_grads({k: v.unsqueeze(0) for k, v in g.items()}, attr.modules))
+        refs.append(_flat_grads({k: v.unsqueeze(0) for k, v in g.items()}, _modules(attr)))
     assert rel_err(got, torch.cat(refs)) < 1e-4
 
 
@@ -203,14 +209,13 @@ def test_backward_skips_weight_gradient_gemm():
     # Three linear layers: training runs 3 weight-gradient GEMMs and 2 input-gradient GEMMs
     # (the first layer's input needs none). Capture must run only the 2.
     model = _mlp()
-    layers = select_layers(model)
-    shapes = {n: layer_shape(n, m) for n, m in layers.items()}
     seen = []
-    maps = {n: LayerMap(1, lambda a, g, m: (seen.append(a.shape), a.new_zeros(a.shape[0], 1))[1])
-            for n in shapes}
-    offsets = {n: (i, i + 1) for i, n in enumerate(shapes)}
+    layers = TrackedLayers(
+        (m, layer_shape(n, m),
+         LayerMap(1, lambda a, g, mask: (seen.append(a.shape), a.new_zeros(a.shape[0], 1))[1]))
+        for n, m in select_layers(model).items())
     x = torch.randn(4, 7)
-    with Capture(model, layers, maps, offsets) as capture:
+    with Capture(model, layers) as capture:
         losses = None
 
         def loss_fn(m, batch):

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import grass
+from grass.compressors import LayerMap
+from grass.layers import TrackedLayers
 from grass.tasks import CausalLM
 from conftest import rel_err
 from tiny_models import causal_lm, padded
@@ -30,15 +32,15 @@ def test_bf16_features_agree_with_fp32(arch, compressor):
     features = {}
     for name, model in (("fp32", fp32), ("bf16", bf16)):
         attr = grass.Attributor(model, CausalLM(), compressor, progress=False)
-        layer = next(iter(attr.maps))
-        inner = attr.maps[layer]
+        first = next(iter(attr.layers.values()))
 
-        def recording(acts, grads, mask, inner=inner):
+        def recording(acts, grads, mask, inner=first.map):
             out = inner(acts, grads, mask)
             seen.append((acts.dtype, grads.dtype, out.dtype))
             return out
 
-        attr.maps[layer] = recording
+        attr.layers = TrackedLayers((t.module, t.shape, LayerMap(t.map.k, recording) if t is first
+                                     else t.map) for t in attr.layers.values())
         features[name] = attr.features(batch).values
     assert seen == [(torch.float32,) * 3, (torch.bfloat16, torch.bfloat16, torch.float32)]
     assert features["bf16"].dtype == torch.float32

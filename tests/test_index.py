@@ -66,11 +66,11 @@ def _no_fisher(*args, **kwargs):
 def test_curvature_is_saved_once_and_reused(tmp_path, monkeypatch):
     first = _built(tmp_path / "idx")
     saved = curvature.load_fisher(first.store, "efim")
-    assert saved is not None and set(saved) == set(first.store.layers)
+    assert saved is not None and set(saved) == set(first.store.layout)
     assert curvature.saved_damping(first.store, "efim") == (0.3, 0.0)
-    ref = torch.cat([first.store.read(0, N)[:, s:e] for s, e in first.store.offsets.values()], 1)
-    for name, (s, e) in first.store.offsets.items():
-        block = ref[:, s:e]
+    ref = first.store.read(0, N)
+    for name, columns in first.store.layout.items():
+        block = ref[:, columns.cols]
         torch.testing.assert_close(saved[name], block.T @ block / N, rtol=1e-5, atol=1e-7)
     monkeypatch.setattr(distributed, "fisher", _no_fisher)
     monkeypatch.setattr(curvature, "fisher_sums", _no_fisher)
@@ -94,8 +94,9 @@ def test_fisher_larger_than_its_rows_is_rebuilt_from_them(tmp_path):
     loaded = grass.Attributor.load(tmp_path / "idx", _model(), _loss, progress=False)
     torch.testing.assert_close(loaded.attribute(test), attr.attribute(test))
     rows = attr.store.read(0, 6)
-    for name, (s, e) in attr.store.offsets.items():
-        torch.testing.assert_close(loaded._fishers[name], rows[:, s:e].T @ rows[:, s:e] / 6)
+    for name, columns in attr.store.layout.items():
+        block = rows[:, columns.cols]
+        torch.testing.assert_close(loaded._fishers[name], block.T @ block / 6)
 
 
 def test_resumed_store_has_the_same_curvature(tmp_path):

@@ -47,7 +47,7 @@ def _attr(path, loss=None):
 def _new_store(path, writer="main"):
     """The store an Attributor would create, with small checksum blocks (several per store)."""
     attr = _attr(None)
-    return GradientStore.open(path, config=attr.config, n_rows=N, layers=attr.layer_sizes,
+    return GradientStore.open(path, config=attr.config, n_rows=N, layers=attr.layers.layout,
                               block_rows=BLOCK_ROWS, writer=writer)
 
 

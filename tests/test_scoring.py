@@ -50,7 +50,7 @@ def _brute(rows, test, damping):
 def _scorer(store, damping=0.3, chunk_size=5, norms=True):
     fishers = {name: s / store.n_rows
                for name, s in curvature.fisher_sums(store, (0, store.n_rows)).items()}
-    pre = Preconditioner.efim(fishers, store.offsets, damping)
+    pre = Preconditioner.efim(fishers, store.layout, damping)
     kept = TrainNorms(store, "efim", (damping, 0.0)) if norms else None
     return Scorer(store, pre, chunk_size, norms=kept)
 

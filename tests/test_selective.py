@@ -103,12 +103,12 @@ def test_saved_flat_mask_is_the_one_used(digits, tmp_path):
     full = Attributor(model, per_example_loss, Identity(), progress=False)
     grads = full.features(test).values
     got = again.features(test).values
-    for name, (lo, hi) in full.offsets.items():
-        a, b = again.offsets[name]
-        scale = math.sqrt((hi - lo) / k)
-        assert torch.allclose(got[:, a:b], grads[:, lo:hi][:, loaded[name]] * scale, rtol=1e-5, atol=1e-6)
+    for name, columns in full.layers.layout.items():
+        scale = math.sqrt(columns.k / k)
+        assert torch.allclose(got[:, again.layers[name].columns.cols],
+                              grads[:, columns.cols][:, loaded[name]] * scale, rtol=1e-5, atol=1e-6)
     # Another mask is another configuration: the store refuses it instead of mixing features.
-    other = {name: gk.random_indices(hi - lo, k, seed=5) for name, (lo, hi) in full.offsets.items()}
+    other = {name: gk.random_indices(c.k, k, seed=5) for name, c in full.layers.layout.items()}
     with pytest.raises(StoreError, match="different configuration"):
         Attributor(model, per_example_loss, SelectiveMask(k, indices=other), store=tmp_path / "s",
                    progress=False).cache(train)
@@ -134,10 +134,9 @@ def test_saved_factorized_mask_is_the_one_fact_grass_uses(digits, tmp_path):
     for name, (out_idx, in_idx) in loaded.items():
         assert torch.equal(out_idx, masks[name][0]) and torch.equal(in_idx, masks[name][1])
         module = dict(model.named_modules())[name]
-        lo, hi = full.offsets[name]
-        g = grads[:, lo:hi].reshape(-1, module.out_features, module.in_features + 1)
+        g = grads[:, full.layers[name].columns.cols].reshape(-1, module.out_features,
+                                                              module.in_features + 1)
         kept = g[:, out_idx][:, :, in_idx].flatten(1)
         scale = math.sqrt(g[0].numel() / kept.shape[1])  # the mask's rescaling
         want = gk.sjlt(kept * scale, k, seed=layer_seed(0, name, "sjlt"))
-        a, b = again.offsets[name]
-        assert torch.allclose(got[:, a:b], want, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(got[:, again.layers[name].columns.cols], want, rtol=1e-4, atol=1e-5)

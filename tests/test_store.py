@@ -94,7 +94,9 @@ def _gaps(rows: set[int], n: int) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_round_trip_layers_and_chunks(tmp_path, dtype, on_disk):
     store = _open(tmp_path / "s" if on_disk else None, dtype=dtype)
-    assert store.width == 8 and store.offsets == {"fc1": (0, 5), "fc2.weight": (5, 8)}
+    assert store.width == 8
+    assert {name: (c.start, c.stop) for name, c in store.layout.items()} == {
+        "fc1": (0, 5), "fc2.weight": (5, 8)}
     rows = torch.randn(N_ROWS, 8)
     store.write(10, rows[10:30])
     assert store.missing() == [(0, 10), (30, N_ROWS)]
@@ -235,7 +237,7 @@ def test_load_reopens_with_the_manifest_configuration(tmp_path):
     rows = torch.randn(N_ROWS, 8)
     _open(tmp_path / "s", dtype=torch.float16).write(0, rows)
     store = GradientStore.load(tmp_path / "s")
-    assert store.config == CONFIG and store.layers == LAYERS and store.dtype == torch.float16
+    assert store.config == CONFIG and store.layout.sizes == LAYERS and store.dtype == torch.float16
     assert torch.equal(store.read(0, N_ROWS), rows.half().float())
     with pytest.raises(StoreError, match="no manifest.json"):
         GradientStore.load(tmp_path / "elsewhere")

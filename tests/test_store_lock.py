@@ -53,7 +53,7 @@ def test_live_holder_refuses_a_run_and_a_killed_one_is_recovered(tmp_path):
     # The holder's run created the store (no rows yet) and took its lease.
     first = _attributor(store)
     grass.GradientStore.open(store, config=first.config, n_rows=N_TRAIN,
-                             layers=first.layer_sizes)
+                             layers=first.layers.layout)
     spawn = multiprocessing.get_context("spawn")
     ready = spawn.Event()
     holder = spawn.Process(target=_hold, args=(str(store), ready))

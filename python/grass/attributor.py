@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import Source, overlaps, to_device, token_mask
-from .capture import Capture, LayerSpec, layer_shape, select_layers
+from .capture import Capture, LayerSpec, track_layers
 from . import curvature, distributed, fisher, store_repair
 from . import index as approx_index
 from .compressors import Compressor, FactGraSS, compressor_from_config
@@ -134,6 +134,10 @@ class Attributor:
 
     Scores: ``scores[j, i] = phi_j^T (F + lambda I)^{-1} phi_i``; positive means training on
     example i lowers test example j's loss.
+
+    Once built, ``attr.layers`` holds the captured layers' records (``grass.layers``): name ->
+    TrackedLayer (module, shape, compressor map, columns) in column order, with their
+    ``attr.layers.layout``, which the store's must equal.
     """
 
     def __init__(
@@ -186,24 +190,15 @@ class Attributor:
         self.batch_size, self.chunk_size, self.seed = batch_size, chunk_size, seed
         self.device, self.progress = torch.device(device), progress
 
-        self.modules = select_layers(model, layers)
-        shapes = {name: layer_shape(name, m) for name, m in self.modules.items()}
-        self.maps = {
-            name: compressor.build(shape, seed=seed, device=self.device)
-            for name, shape in shapes.items()
-        }
-        self.layer_sizes = {name: m.k for name, m in self.maps.items()}
-        self.offsets, col = {}, 0
-        for name, k in self.layer_sizes.items():
-            self.offsets[name] = (col, col + k)
-            col += k
+        # One record per captured layer (module, shape, map, columns), handed to everything below.
+        self.layers = track_layers(model, layers, compressor, seed=seed, device=self.device)
         self.config = {
             "version": CONFIG_VERSION,
             "compressor": compressor.config(),
             "seed": seed,
             "model": _model_class(model),
             "parameters": model_fingerprint(model),
-            "layers": [[s.name, s.d_out, s.d_in, s.bias] for s in shapes.values()],
+            "layers": self.layers.config(),
         }
         self.store: GradientStore | None = None
         self._fishers: dict[str, torch.Tensor] | None = None  # per-layer Fisher (k_l, k_l)
@@ -228,7 +223,7 @@ class Attributor:
         in_step = self._in_step(source)
         steps = (in_step(source.batches(wanted)) if in_step is not None
                  else ((item, True) for item in source.batches(wanted)))
-        with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
+        with bar, Capture(self.model, self.layers) as capture:
             for (start, batch), real in steps:
                 batch = to_device(batch, self.device)
                 out = capture.features(batch, self.loss_fn, token_mask(batch), first_row=start)
@@ -286,7 +281,7 @@ class Attributor:
         source.n = self._row_count(source, n_rows)
         # grass.distributed: rank 0 creates the store first; each rank fills its shard.
         store = distributed.open_store(
-            self.store_path, config=self.config, n_rows=source.n, layers=self.layer_sizes,
+            self.store_path, config=self.config, n_rows=source.n, layers=self.layers.layout,
             dtype=self.store_dtype,
         )
         lease = distributed.lease(store)  # one writing run per store
@@ -313,7 +308,7 @@ class Attributor:
         the first score (a build that only indexes never needs it)."""
         self._fishers = None
         if self.hessian != "identity":
-            curvature.check_efim_sizes(store.layers)
+            curvature.check_efim_sizes(store.layout)
         if self.hessian != "identity" and not curvature.has_fisher(store, self.hessian):
             if self.hessian == "fisher":
                 if source is None:
@@ -321,7 +316,7 @@ class Attributor:
                                      "curvature: build it with cache(train_data)")
                 _check_fisher_loss_fn(self.fisher_loss_fn)
                 self._fishers = self._sampled_fisher(source, store)
-            elif any(k < store.n_rows for k in store.layers.values()):
+            elif any(c.k < store.n_rows for c in store.layout.values()):
                 # efim layers with k_l >= n_rows are rebuilt from their rows when scoring
                 # starts: a store where every layer is such needs nothing computed now.
                 self._fishers = distributed.fisher(store, self.chunk_size, self.device)
@@ -347,7 +342,7 @@ class Attributor:
         key = (self.seed, draws, int(exact), self.batch_size, world, rank)
         bar = tqdm(total=(last - first) * draws, desc="grass fisher", unit="ex",
                    disable=not self.progress)
-        with bar, Capture(self.model, self.modules, self.maps, self.offsets) as capture:
+        with bar, Capture(self.model, self.layers) as capture:
             def features(start, batch, loss_fn):
                 batch = to_device(batch, self.device)
                 return capture.features(batch, loss_fn, token_mask(batch), first_row=start)
@@ -358,7 +353,7 @@ class Attributor:
                 own, features, self.fisher_loss_fn, store=store, samples=self.fisher_samples,
                 seed=self.seed, key=key, device=self.device, checkpoint_rows=self.chunk_size,
                 on_batch=lambda rows: bar.update(rows * draws), in_step=self._in_step(source))
-        return distributed.mean_over_ranks(sums, source.n * draws)
+        return distributed.mean_over_ranks(sums, source.n * draws, store.layout)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, loss_fn, *,
@@ -404,8 +399,9 @@ class Attributor:
         if not saved.complete:
             raise ValueError(f"the index at {os.fspath(path)} is incomplete (rows "
                              f"{saved.missing()} missing): rerun its build to finish it")
+        # Opened with this Attributor's columns: a store that places them otherwise is refused.
         store = distributed.open_store(path, config=config, n_rows=saved.n_rows,
-                                       layers=saved.layers, dtype=saved.dtype)
+                                       layers=attr.layers.layout, dtype=saved.dtype)
         attr._attach(store)
         if approx_index.exists(path):
             try:
@@ -436,7 +432,7 @@ class Attributor:
 
     def attribute(self, test_data, *, per_layer: bool = False, cosine: bool = False):
         """Scores (n_test, n_train); (L, n_test, n_train) with ``per_layer`` (layer order of
-        ``self.layer_sizes``); ``cosine`` normalises by the preconditioned norms."""
+        ``self.layers``); ``cosine`` normalises by the preconditioned norms."""
         test = self._test_values(test_data)
         return self._scorer_checked().scores(test, per_layer=per_layer, cosine=cosine,
                                    progress=self.progress)
@@ -501,15 +497,15 @@ class Attributor:
         if self.store is None:
             raise RuntimeError("call cache(train_data) before scoring")
         if self._scorer is None:
-            offsets = self.store.offsets
+            layout = self.store.layout
             if self.hessian != "identity" and self._fishers is None:
                 self._fishers = curvature.load_fisher(
                     self.store, self.hessian, self.chunk_size, self.device,
-                    names=distributed.own_layers(self.store.layers))
+                    names=distributed.own_layers(self.store.layout))
             # Factors are computed and kept on the capture device, beside the test features.
-            precondition = (Preconditioner.identity(offsets) if self._fishers is None else
+            precondition = (Preconditioner.identity(layout) if self._fishers is None else
                             Preconditioner.efim({name: f.to(self.device) for name, f
-                                                 in self._fishers.items()}, offsets,
+                                                 in self._fishers.items()}, layout,
                                                 self.damping, self.absolute_damping))
             # cosine and self_influence read the train norms kept with the store under this
             # curvature and damping, or compute them once and keep them there.

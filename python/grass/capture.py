@@ -1,5 +1,8 @@
 """Capture of compressed per-example gradients from a model's linear layers.
 
+``track_layers`` selects the layers and builds their records (module, shape, compressor map,
+columns: ``grass.layers.TrackedLayers``); ``Capture`` fills each layer's columns of a feature row.
+
 While a ``Capture`` is active, every selected layer runs its forward through ``_CapturedLinear``,
 a custom autograd Function with the same output. Its backward computes only the input gradient
 (for the rest of the network) and hands the layer's inputs and output gradients to the layer's
@@ -13,12 +16,13 @@ example the output gradients of its own loss, because examples do not interact i
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .compressors import LayerMap, LayerShape
+from .compressors import Compressor, LayerShape
+from .layers import TrackedLayer, TrackedLayers
 
 # What ``layers=`` accepts: fnmatch name patterns and/or module types, one or several.
 LayerSpec = str | type | Iterable[str | type] | None
@@ -37,6 +41,18 @@ def is_linear(module: nn.Module) -> bool:
 def layer_shape(name: str, module: nn.Module) -> LayerShape:
     d_out, d_in = _weight_out_in(module).shape
     return LayerShape(name, d_in=d_in, d_out=d_out, bias=module.bias is not None)
+
+
+def track_layers(model: nn.Module, layers: LayerSpec, compressor: Compressor, *, seed: int,
+                 device: torch.device) -> TrackedLayers:
+    """The records of the layers ``layers`` selects (see ``select_layers``), in module order:
+    each layer's module, shape, the map ``compressor`` builds for it (from ``seed`` and the
+    layer's name, on ``device``) and its columns in the feature row."""
+    records = []
+    for name, module in select_layers(model, layers).items():
+        shape = layer_shape(name, module)
+        records.append((module, shape, compressor.build(shape, seed=seed, device=device)))
+    return TrackedLayers(records)
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -98,24 +114,16 @@ class _CapturedLinear(torch.autograd.Function):
 class Capture:
     """Context manager that captures compressed per-example gradients of ``layers``.
 
-    ``maps`` gives each layer's compressor and ``offsets`` its columns in a feature row. Inside
-    the ``with`` block, ``features(batch, loss_fn, token_mask)`` returns (B, width) fp32. On
-    exit, however the block ends, the model is as it was: parameters, requires_grad, training
-    flags and forward methods.
+    Each tracked layer's map fills its columns of a feature row. Inside the ``with`` block,
+    ``features(batch, loss_fn, token_mask)`` returns (B, width) fp32. On exit, however the
+    block ends, the model is as it was: parameters, requires_grad, training flags and forward
+    methods.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Mapping[str, nn.Module],
-        maps: Mapping[str, LayerMap],
-        offsets: Mapping[str, tuple[int, int]],
-    ):
+    def __init__(self, model: nn.Module, layers: TrackedLayers):
         self.model = model
-        self.layers = dict(layers)
-        self.maps = maps
-        self.offsets = offsets
-        self.width = max(stop for _, stop in offsets.values())
+        self.layers = layers
+        self.width = layers.layout.width
         self._out: torch.Tensor | None = None
         self._token_mask: torch.Tensor | None = None
         self._batch_sizes: dict[str, int] = {}
@@ -128,7 +136,7 @@ class Capture:
         self._saved = [
             [(p, p.requires_grad) for p in params],
             [(m, m.training) for m in modules],
-            [(m, m.__dict__.get("forward")) for m in self.layers.values()],
+            [(t.module, t.module.__dict__.get("forward")) for t in self.layers.values()],
         ]
         try:
             self._anchor = torch.ones((), requires_grad=True)
@@ -136,8 +144,8 @@ class Capture:
                 p.requires_grad_(False)
             # Attribution is of the deterministic model: dropout off, as in evaluation.
             self.model.eval()
-            for name, module in self.layers.items():
-                module.forward = self._forward_for(name, module)
+            for layer in self.layers.values():
+                layer.module.forward = self._forward_for(layer)
         except BaseException:
             self._restore()
             raise
@@ -161,19 +169,20 @@ class Capture:
                 m.forward = forward
         self._saved = []
 
-    def _forward_for(self, name: str, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _forward_for(self, layer: TrackedLayer) -> Callable[[torch.Tensor], torch.Tensor]:
         def sink(x: torch.Tensor, grad_y: torch.Tensor) -> None:
-            self._absorb(name, x, grad_y)
+            self._absorb(layer, x, grad_y)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            self._batch_sizes[name] = x.shape[0]
+            self._batch_sizes[layer.name] = x.shape[0]
             anchor = self._anchor.to(x.device) if self._anchor.device != x.device else self._anchor
-            return _CapturedLinear.apply(x, _weight_out_in(module), module.bias, anchor, sink)
+            return _CapturedLinear.apply(x, _weight_out_in(layer.module), layer.module.bias,
+                                         anchor, sink)
 
         return forward
 
     # -- per batch -----------------------------------------------------------------------------
-    def _absorb(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+    def _absorb(self, layer: TrackedLayer, x: torch.Tensor, grad_y: torch.Tensor) -> None:
         """Compress one call's (inputs, output gradients) into the layer's columns."""
         b = x.shape[0]
         acts = x.reshape(b, -1, x.shape[-1])
@@ -182,10 +191,9 @@ class Capture:
         # The batch's token mask applies to layers that see the batch's (B, T) tokens.
         if mask is not None and tuple(mask.shape) != tuple(acts.shape[:2]):
             mask = None
-        start, stop = self.offsets[name]
         # A layer called more than once per forward: compression is linear in G_i, so the
         # features of the calls add up to those of the summed gradient.
-        self._out[:, start:stop] += self.maps[name](acts, grads, mask)
+        self._out[:, layer.columns.cols] += layer.map(acts, grads, mask)
 
     def _buffer(self, batch: int, device: torch.device) -> torch.Tensor:
         """The (B, width) output, reused across batches of the same size."""
@@ -241,8 +249,8 @@ class Capture:
         finite = torch.isfinite(out)
         if bool(finite.all()):
             return
-        for name, (start, stop) in self.offsets.items():
-            bad = (~finite[:, start:stop].all(1)).nonzero().flatten()
+        for name, columns in self.layers.layout.items():
+            bad = (~finite[:, columns.cols].all(1)).nonzero().flatten()
             if bad.numel():
                 raise ValueError(
                     f"non-finite gradient in layer {name!r} for example {first_row + int(bad[0])}"

@@ -31,7 +31,7 @@ def build_index(args: argparse.Namespace) -> None:
         attr = hf.build(args.model, args.data, args.out, truncate=not args.no_truncate,
                         **options)
     print(f"index {args.out}: {attr.store.n_rows} documents, {attr.store.width} features per "
-          f"document over {len(attr.store.layers)} layers")
+          f"document over {len(attr.store.layout)} layers")
 
 
 def query_index(args: argparse.Namespace) -> None:

@@ -20,6 +20,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .layers import LayerColumns, Layout
+
 HESSIANS = ("efim", "fisher", "identity")
 # A dense F_l is k_l x k_l: past this size (1 GB in fp32) efim is refused rather than run.
 MAX_EFIM_K = 16384
@@ -41,34 +43,38 @@ def fisher_sums(store, rows: tuple[int, int], chunk_size: int = DEFAULT_CHUNK,
     ``names``: only these layers (a rank's own layers under grass.distributed), default all.
     2 k_l^2 flops per row and layer: for hundreds of layers at k_l = 4096 a GPU rank does them
     far faster than its host."""
-    check_efim_sizes(store.layers)
-    wanted = store.layers if names is None else {n: store.layers[n] for n in names}
+    check_efim_sizes(store.layout)
+    wanted = _columns_of(store.layout, names)
     mats = zero_sums(wanted, device)
-    offsets = {name: store.offsets[name] for name in wanted}
     first, last = rows
     for row in range(first, last, chunk_size):
-        add_outer_products(mats, store.read(row, min(row + chunk_size, last)).to(device),
-                           offsets)
+        add_outer_products(mats, store.read(row, min(row + chunk_size, last)).to(device), wanted)
     return mats
 
 
-def zero_sums(layers: Mapping[str, int], device: torch.device | str | None = None
+def _columns_of(layout: Layout, names: Iterable[str] | None) -> list[LayerColumns]:
+    """The column records of ``names`` (all layers when None), in the order given."""
+    return list(layout.values()) if names is None else [layout[name] for name in names]
+
+
+def zero_sums(layers: Iterable[LayerColumns], device: torch.device | str | None = None
               ) -> dict[str, torch.Tensor]:
     """name -> (k_l, k_l) fp32 zeros: the start of a per-layer sum of outer products."""
-    return {name: torch.zeros(k, k, device=device) for name, k in layers.items()}
+    return {c.name: torch.zeros(c.k, c.k, device=device) for c in layers}
 
 
 def add_outer_products(mats: Mapping[str, torch.Tensor], rows: torch.Tensor,
-                       offsets: Mapping[str, tuple[int, int]]) -> None:
-    """mats[l] += rows_l^T rows_l in place, rows (m, width) with layer l in columns offsets[l]."""
-    for name, (start, stop) in offsets.items():
-        block = rows[:, start:stop].float()
-        mats[name].addmm_(block.T, block)
+                       layers: Iterable[LayerColumns]) -> None:
+    """mats[l] += rows_l^T rows_l in place for each of ``layers``, rows (m, width) with layer l
+    in its columns."""
+    for columns in layers:
+        block = rows[:, columns.cols].float()
+        mats[columns.name].addmm_(block.T, block)
 
 
-def check_efim_sizes(layers: Mapping[str, int]) -> None:
+def check_efim_sizes(layout: Layout) -> None:
     """Raise ValueError when a layer's k_l x k_l Fisher would pass ``MAX_EFIM_K``."""
-    too_big = {name: k for name, k in layers.items() if k > MAX_EFIM_K}
+    too_big = {name: k for name, k in layout.sizes.items() if k > MAX_EFIM_K}
     if too_big:
         raise ValueError(
             f"hessian='efim' needs a k_l x k_l matrix per layer, at most k_l = {MAX_EFIM_K}; "
@@ -79,34 +85,31 @@ def check_efim_sizes(layers: Mapping[str, int]) -> None:
 class Preconditioner:
     """Applies (F_l + lambda_l I)^{-1} to each layer's columns of a feature matrix.
 
-    ``factors`` is None for hessian="identity"; otherwise name -> Cholesky factor L
-    (fp32 or fp64, see ``damped_cholesky``) of the damped F_l.
+    ``layout`` places the layers' columns; ``factors`` is None for hessian="identity",
+    otherwise name -> Cholesky factor L (fp32 or fp64, see ``damped_cholesky``) of the damped
+    F_l.
     """
 
-    def __init__(
-        self,
-        offsets: Mapping[str, tuple[int, int]],
-        factors: Mapping[str, torch.Tensor] | None,
-    ):
-        self.offsets = dict(offsets)
+    def __init__(self, layout: Layout, factors: Mapping[str, torch.Tensor] | None):
+        self.layout = layout
         self.factors = None if factors is None else dict(factors)
 
     @classmethod
-    def identity(cls, offsets: Mapping[str, tuple[int, int]]) -> "Preconditioner":
-        return cls(offsets, None)
+    def identity(cls, layout: Layout) -> "Preconditioner":
+        return cls(layout, None)
 
     @classmethod
     def efim(
         cls,
         fishers: Mapping[str, torch.Tensor],
-        offsets: Mapping[str, tuple[int, int]],
+        layout: Layout,
         damping: float,
         absolute_damping: float = 0.0,
     ) -> "Preconditioner":
         """Factors of every layer's damped Fisher (either kind): see ``damped_cholesky``."""
         factors = {name: damped_cholesky(f, damping, name, absolute_damping)
                    for name, f in fishers.items()}
-        return cls(offsets, factors)
+        return cls(layout, factors)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """(m, width) fp32 -> (m, width) fp32, layer by layer; the columns of a layer without
@@ -115,9 +118,9 @@ class Preconditioner:
             return features
         out = torch.zeros_like(features, dtype=torch.float32)
         for name, factor in self.factors.items():
-            start, stop = self.offsets[name]
-            block = features[:, start:stop].to(factor.device, factor.dtype)
-            out[:, start:stop] = torch.cholesky_solve(block.T, factor).T.to(out.device)
+            cols = self.layout[name].cols
+            block = features[:, cols].to(factor.device, factor.dtype)
+            out[:, cols] = torch.cholesky_solve(block.T, factor).T.to(out.device)
         return out
 
 
@@ -173,7 +176,7 @@ def damped_cholesky(fisher: torch.Tensor, damping: float, name: str = "",
 def _rebuildable(store, hessian: str, name: str) -> bool:
     """An efim layer with k_l >= n_rows is cheaper to rebuild from its rows than to save: its
     k_l x k_l Fisher is larger than the rows themselves. Other curvatures are not in the rows."""
-    return hessian == "efim" and store.layers[name] >= store.n_rows
+    return hessian == "efim" and store.layout[name].k >= store.n_rows
 
 
 def save_fisher(store, hessian: str, fishers: Mapping[str, torch.Tensor],
@@ -207,15 +210,17 @@ def load_fisher(store, hessian: str, chunk_size: int = DEFAULT_CHUNK,
     if not has_fisher(store, hessian):
         return None
     out = {}
-    wanted = store.layers if names is None else {n: store.layers[n] for n in names}
-    for name, k in wanted.items():
+    for columns in _columns_of(store.layout, names):
+        name = columns.name
         if not _rebuildable(store, hessian, name):
             out[name] = store.load_array(f"{hessian}.{name}")
             continue
-        mats = zero_sums({name: k}, device)
+        # The layer's own block of each chunk: its columns start at 0 there.
+        block_layout = Layout([(name, columns.k)])
+        mats = zero_sums(block_layout.values(), device)
         for start in range(0, store.n_rows, chunk_size):
             block = store.read(start, min(start + chunk_size, store.n_rows), layer=name)
-            add_outer_products(mats, block.to(device), {name: (0, k)})
+            add_outer_products(mats, block.to(device), block_layout.values())
         out[name] = mats[name].cpu() / store.n_rows
     return out
 

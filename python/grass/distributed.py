@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .curvature import DEFAULT_CHUNK, Preconditioner, fisher_sums
+from .layers import Layout
 from .scoring import Scorer, TrainNorms, layer_quadratics
 from .store import GradientStore, StoreError
 from .store_lock import StoreLease
@@ -249,11 +250,11 @@ def layer_owners(layers: Mapping[str, int], world: int) -> dict[str, int]:
     return owners
 
 
-def own_layers(layers: Mapping[str, int]) -> list[str]:
+def own_layers(layout: Layout) -> list[str]:
     """The layers whose curvature this rank owns, in store order (all without a group)."""
     rank, world = rank_world()
-    owners = layer_owners(layers, world)
-    return [name for name in layers if owners[name] == rank]
+    owners = layer_owners(layout.sizes, world)
+    return [name for name in layout if owners[name] == rank]
 
 
 def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
@@ -261,21 +262,22 @@ def fisher(store: GradientStore, chunk_size: int = DEFAULT_CHUNK,
     """Per-layer empirical Fisher of this rank's own layers (all without a group), name ->
     (k_l, k_l) fp32 on the CPU: the owner sums all rows of its layers on ``device`` (the
     rank's capture device); no collective, no rank holds another's layers."""
-    names = own_layers(store.layers)
+    names = own_layers(store.layout)
     sums = fisher_sums(store, (0, store.n_rows), chunk_size, device, names)
     return {name: mat.cpu() / store.n_rows for name, mat in sums.items()}
 
 
-def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Every rank's per-layer sums added up on the layer's owner (reduce SUM) and divided by
-    ``count``: this rank's own layers, name -> fp32 on the CPU."""
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: int,
+                    layout: Layout) -> dict[str, torch.Tensor]:
+    """Every rank's per-layer sums (name -> (k_l, k_l), every layer of ``layout``) added up on
+    the layer's owner (reduce SUM) and divided by ``count``: this rank's own layers, name ->
+    fp32 on the CPU. Every rank reduces the layers in ``layout``'s order."""
     if not active():
-        return {name: mat.cpu() / count for name, mat in sums.items()}
-    owners, rank = layer_owners({n: m.shape[0] for n, m in sums.items()}, dist.get_world_size()), \
-        dist.get_rank()
+        return {name: sums[name].cpu() / count for name in layout}
+    owners, rank = layer_owners(layout.sizes, dist.get_world_size()), dist.get_rank()
     out = {}
-    for name, mat in sums.items():
-        mat = mat.to(_device())
+    for name in layout:
+        mat = sums[name].to(_device())
         dist.reduce(mat, dst=owners[name], op=dist.ReduceOp.SUM)
         if owners[name] == rank:
             out[name] = mat.cpu() / count
@@ -333,10 +335,10 @@ class ShardedScorer(Scorer):
         if self._all_quadratics is None:
             saved = self.norms.load() if self.norms is not None else None
             if saved is None:
-                out = torch.zeros(len(self.offsets), self.store.n_rows)
+                out = torch.zeros(len(self.layout), self.store.n_rows)
                 for start, stop, rows in self.store.chunks(self.chunk_size):
                     rows = rows.float()
-                    out[:, start:stop] = layer_quadratics(self.owned(rows), rows, self.offsets)
+                    out[:, start:stop] = layer_quadratics(self.owned(rows), rows, self.layout)
                 saved = _sum_over_ranks(out)
                 if self.norms is not None and dist.get_rank() == 0:
                     self.norms.save(saved)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 
 from .curvature import add_outer_products, zero_sums
+from .layers import Layout
 from .store import GradientStore, StoreError
 
 __all__ = ["ExactClasses", "FisherLoss", "draw_generator", "draws", "sampled_sums"]
@@ -90,8 +91,8 @@ class _Checkpoint:
     """One rank's running sums, saved in the store as a single fp64 array:
     [key, number of finished batches m, their first rows (m), the sums (sum k_l^2)]."""
 
-    def __init__(self, store: GradientStore, layers: Mapping[str, int], key: tuple[int, ...]):
-        self.store, self.layers, self.key = store, dict(layers), key
+    def __init__(self, store: GradientStore, layout: Layout, key: tuple[int, ...]):
+        self.store, self.layout, self.key = store, layout, key
         self.name = f"fisher_sums.{store.writer}"
 
     def load(self, device) -> tuple[dict[str, torch.Tensor], set[int]] | None:
@@ -110,14 +111,14 @@ class _Checkpoint:
         m = int(flat[n_key])
         done = {int(v) for v in flat[n_key + 1:n_key + 1 + m]}
         sums, pos = {}, n_key + 1 + m
-        for name, k in self.layers.items():
-            sums[name] = flat[pos:pos + k * k].view(k, k).float().to(device)
-            pos += k * k
+        for c in self.layout.values():
+            sums[c.name] = flat[pos:pos + c.k * c.k].view(c.k, c.k).float().to(device)
+            pos += c.k * c.k
         return sums, done
 
     def save(self, sums: Mapping[str, torch.Tensor], done: set[int]) -> None:
         head = torch.tensor([*self.key, len(done), *sorted(done)], dtype=torch.float64)
-        body = [sums[name].detach().double().cpu().reshape(-1) for name in self.layers]
+        body = [sums[name].detach().double().cpu().reshape(-1) for name in self.layout]
         self.store.save_array(self.name, torch.cat([head, *body]))
 
 
@@ -147,9 +148,10 @@ def sampled_sums(
         the draws of a step that is not real run and are discarded.
     """
     # An in-memory store dies with its process: nothing to resume from, so no checkpoints.
-    checkpoint = _Checkpoint(store, store.layers, key) if store.path is not None else None
+    checkpoint = _Checkpoint(store, store.layout, key) if store.path is not None else None
     resumed = checkpoint.load(device) if checkpoint is not None else None
-    sums, done = resumed if resumed is not None else (zero_sums(store.layers, device), set())
+    sums, done = (resumed if resumed is not None
+                  else (zero_sums(store.layout.values(), device), set()))
     unsaved = 0
     pending = ((first_row, batch) for first_row, batch in batches if first_row not in done)
     steps = in_step(pending) if in_step is not None else ((item, True) for item in pending)
@@ -166,7 +168,7 @@ def sampled_sums(
 
             out = features(first_row, batch, loss_at_drawn_targets)
             if real:
-                add_outer_products(sums, out, store.offsets)
+                add_outer_products(sums, out, store.layout.values())
             rows = out.shape[0]
         if not real:
             continue

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 import grass_kernels
 
 from .curvature import Preconditioner
+from .layers import Layout
 from .store import write_atomic
 
 INDEX_FILE = "approx_index.faiss"
@@ -78,7 +79,7 @@ def identity(store, hessian: str, dampings: tuple[float, float]) -> dict:
         "version": INDEX_VERSION,
         "config": store.config,
         "n_rows": store.n_rows,
-        "layers": store.layers,
+        "layers": store.layout.sizes,
         "hessian": hessian,
         "damping": [float(d) for d in dampings],
         "store_fingerprint": store_fingerprint(store, hessian),
@@ -94,18 +95,18 @@ def whitening_factors(precondition: Preconditioner) -> dict[str, torch.Tensor] |
     return {name: factor.float() for name, factor in precondition.factors.items()}
 
 
-def whiten(factors: Mapping[str, torch.Tensor] | None, offsets: Mapping[str, tuple[int, int]],
+def whiten(factors: Mapping[str, torch.Tensor] | None, layout: Layout,
            rows: torch.Tensor) -> torch.Tensor:
     """(m, width) fp32 rows -> (m, width) fp32 L_l^{-1} phi_l per layer (rows unchanged when
     ``factors`` is None), so that inner products of whitened rows are the scores."""
     if factors is None:
         return rows.float()
     out = torch.empty_like(rows, dtype=torch.float32)
-    for name, (start, stop) in offsets.items():
+    for name, columns in layout.items():
         factor = factors[name]
-        block = rows[:, start:stop].to(factor.device).T  # (k_l, m)
+        block = rows[:, columns.cols].to(factor.device).T  # (k_l, m)
         solved = torch.linalg.solve_triangular(factor, block, upper=False)
-        out[:, start:stop] = solved.T.to(out.device, torch.float32)
+        out[:, columns.cols] = solved.T.to(out.device, torch.float32)
     return out
 
 
@@ -129,7 +130,7 @@ class ApproximateIndex:
         """(m, width) features -> (m, dim) fp32 contiguous sketched whitened rows."""
         if self._factors is None or self._factors[0] is not precondition:
             self._factors = (precondition, whitening_factors(precondition))
-        white = whiten(self._factors[1], precondition.offsets, features.float())
+        white = whiten(self._factors[1], precondition.layout, features.float())
         if self.manifest["sketched"]:
             white = grass_kernels.sjlt(white, self.dim, c=self.manifest["c"],
                                        seed=self.manifest["seed"])

@@ -27,22 +27,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .curvature import DEFAULT_CHUNK, Preconditioner
+from .layers import Layout
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
+def _products(a: torch.Tensor, b: torch.Tensor, layout: Layout, per_layer: bool) -> torch.Tensor:
     """a (n, width) x b (m, width) -> (n, m), or (L, n, m) per layer."""
     if not per_layer:
         return a @ b.T
-    return torch.stack([a[:, s:e] @ b[:, s:e].T for s, e in offsets.values()])
+    return torch.stack([a[:, c.cols] @ b[:, c.cols].T for c in layout.values()])
 
 
-def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
+def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Per-layer row-wise inner products of pre = preconditioned x with x: (L, m) fp32."""
     prod = pre * x
-    return torch.stack([prod[:, s:e].sum(1) for s, e in offsets.values()])
+    return torch.stack([prod[:, c.cols].sum(1) for c in layout.values()])
 
 
 def _norms_from_quadratics(quadratics: torch.Tensor, per_layer: bool) -> torch.Tensor:
@@ -178,7 +179,7 @@ class Scorer:
                  rows: tuple[int, int] | None = None, norms: TrainNorms | None = None):
         self.store = store
         self.precondition = precondition
-        self.offsets = dict(store.offsets)
+        self.layout = store.layout
         self.chunk_size = chunk_size
         self.rows = (0, store.n_rows) if rows is None else rows
         self.norms = norms
@@ -213,10 +214,10 @@ class Scorer:
         if saved is not None:
             self._quadratics = saved[:, first:last]
             return self._quadratics
-        out = torch.empty(len(self.offsets), last - first)
+        out = torch.empty(len(self.layout), last - first)
         for start, stop, rows in self._chunks(torch.device("cpu"), progress, "grass norms"):
             out[:, start - first:stop - first] = layer_quadratics(self.precondition(rows), rows,
-                                                                   self.offsets)
+                                                                   self.layout)
         if self.norms is not None and self.rows == (0, self.store.n_rows):
             self.norms.save(out)
         self._quadratics = out
@@ -232,12 +233,12 @@ class Scorer:
         pre = self.precondition(test)
         first = self.rows[0]
         if cosine:
-            test_norms = _norms_from_quadratics(layer_quadratics(pre, test, self.offsets),
+            test_norms = _norms_from_quadratics(layer_quadratics(pre, test, self.layout),
                                                 per_layer)
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
         for start, stop, rows in self._chunks(test.device, progress):
-            block = _products(pre, rows, self.offsets, per_layer)
+            block = _products(pre, rows, self.layout, per_layer)
             if cosine:
                 block = _normalise(block, test_norms,
                                    train_norms[..., start - first:stop - first])
@@ -246,7 +247,7 @@ class Scorer:
     def scores(self, test: torch.Tensor, *, per_layer=False, cosine=False, progress=False):
         """(n_test, n_train), or (L, n_test, n_train) with ``per_layer``; on the CPU."""
         first, last = self.rows
-        shape = (len(self.offsets),) if per_layer else ()
+        shape = (len(self.layout),) if per_layer else ()
         out = torch.empty(*shape, test.shape[0], last - first)
         for start, stop, block in self.blocks(
             test, per_layer=per_layer, cosine=cosine, progress=progress

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .attributor import Attributor
-from .capture import layer_shape
 from .compressors import Identity, mask_sides
 from .store import GradientStore
 
@@ -124,17 +123,17 @@ def train_masks(model: torch.nn.Module, loss_fn, train_sample, test_sample, *, k
     train = attr.features(train_sample).values
     test = attr.features(test_sample).values
     masks: dict = {}
-    for name, (lo, hi) in attr.offsets.items():
-        shape = layer_shape(name, attr.modules[name])
+    for name, layer in attr.layers.items():
+        shape, cols = layer.shape, layer.columns.cols
         if factorized:
             if blowup * k >= shape.numel:
                 continue
             k_out, k_in = mask_sides(blowup * k, shape.d_out, shape.d_in_total)
             side = (-1, shape.d_out, shape.d_in_total)
-            masks[name] = train_factorized_mask(train[:, lo:hi].reshape(side),
-                                                test[:, lo:hi].reshape(side), k_out, k_in, **options)
+            masks[name] = train_factorized_mask(train[:, cols].reshape(side),
+                                                test[:, cols].reshape(side), k_out, k_in, **options)
         elif k < shape.numel:
-            masks[name] = train_flat_mask(train[:, lo:hi], test[:, lo:hi], k, **options)
+            masks[name] = train_flat_mask(train[:, cols], test[:, cols], k, **options)
     return masks
 
 
@@ -157,7 +156,7 @@ def load_masks(store: GradientStore, layers: Iterable[str] | None = None) -> dic
     """The masks saved with `store` for `layers` (default: the store's layers), in the form
     train_masks returns; layers without a saved mask are left out."""
     masks: dict = {}
-    for layer in store.layers if layers is None else layers:
+    for layer in store.layout if layers is None else layers:
         flat, out, in_ = _array_names(layer)
         if store.has_array(flat):
             masks[layer] = store.load_array(flat)

@@ -1,7 +1,8 @@
 """GradientStore: fixed-width rows of compressed per-example gradients, in memory or on disk.
 
 One row per training example, n_rows × width with width = Σ_l k_l; layer l owns the columns
-offsets[l] = (start, stop). On disk a store is a directory:
+``layout[l]`` (``grass.layers.Layout``: the layers in column order). On disk a store is a
+directory:
 
     manifest.json        config (compressor, seeds, ...), layers, n_rows, width, dtype,
                          block_rows (rows per checksum block), version
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .layers import Layout
 from .store_progress import (FORMAT, ChecksumError, ChecksumTable, Claims, Intervals,
                              StoreError, WriterProgress, create_sparse, read_json, read_record,
                              read_records, verify_block, write_atomic)
@@ -74,6 +76,19 @@ def _json_roundtrip(config: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"config must be JSON-serialisable (str/int/float/bool/list/dict): {e}") from None
 
 
+def _check_layer_order(path: str, found: Any, wanted: list[list]) -> None:
+    """Refuse a store that lists the wanted layers (name, k) in another column order, naming
+    both orders: reading its rows with the wanted layout would hand one layer another's
+    columns."""
+    if not isinstance(found, list) or found == wanted:
+        return
+    if sorted(found, key=repr) == sorted(wanted, key=repr):
+        raise StoreError(f"the store at {path} holds the requested layers in another column "
+                         f"order ({[p[0] for p in found]}; requested "
+                         f"{[p[0] for p in wanted]}): its rows cannot be read with the requested "
+                         "columns; use a new path or delete it")
+
+
 class GradientStore:
     """n_rows × Σk_l compressed gradients with per-layer column ranges; see the module docstring.
 
@@ -86,7 +101,7 @@ class GradientStore:
         path: str | None,
         config: dict[str, Any],
         n_rows: int,
-        layers: dict[str, int],
+        layout: Layout,
         dtype: torch.dtype,
         writer: str,
         block_rows: int,
@@ -94,16 +109,11 @@ class GradientStore:
         self.path = path
         self.config = config
         self.n_rows = n_rows
-        self.layers = dict(layers)
+        self.layout = layout
         self.dtype = dtype
         self.writer = writer
         self.block_rows = block_rows
-        self.offsets: dict[str, tuple[int, int]] = {}
-        col = 0
-        for name, k in self.layers.items():
-            self.offsets[name] = (col, col + k)
-            col += k
-        self.width = col
+        self.width = layout.width
         # This writer's recorded rows, and a snapshot of every other writer's (taken at open,
         # refreshed by missing() and read(), or when a write meets a row claimed since then).
         self._own = Intervals()
@@ -141,7 +151,7 @@ class GradientStore:
         *,
         config: dict[str, Any],
         n_rows: int,
-        layers: dict[str, int],
+        layers: Layout | Mapping[str, int],
         dtype: torch.dtype = torch.float32,
         writer: str = "main",
         block_rows: int | None = None,
@@ -152,7 +162,8 @@ class GradientStore:
         config: JSON-serialisable description of what produced the rows (model, compressor,
             seeds); an existing store with a different config is refused with a StoreError
             (a ValueError) naming the differing keys.
-        n_rows: number of examples; layers: name -> k_l, in column order.
+        n_rows: number of examples; layers: the column Layout, or name -> k_l in column order.
+            An existing store that lists the same layers in another order is refused.
         dtype: storage dtype, float32 / bfloat16 / float16.
         writer: names this process's progress files; processes filling disjoint rows of one
             store concurrently must use distinct writers.
@@ -166,9 +177,7 @@ class GradientStore:
             raise ValueError(f"n_rows must be a positive int, got {n_rows!r}")
         if not isinstance(layers, Mapping) or not layers:
             raise ValueError(f"layers must be a non-empty dict name -> k, got {layers!r}")
-        for name, k in layers.items():
-            if not isinstance(name, str) or isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-                raise ValueError(f"layers must map str names to positive ints, got {name!r}: {k!r}")
+        layout = layers if isinstance(layers, Layout) else Layout(layers.items())
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
         if not _NAME_RE.match(writer):
@@ -177,10 +186,10 @@ class GradientStore:
                                        or block_rows <= 0):
             raise ValueError(f"block_rows must be None or a positive int, got {block_rows!r}")
         config = _json_roundtrip(config)
-        width = sum(layers.values())
+        width = layout.width
         default_block = max(1, BLOCK_BYTES // (width * _DTYPES[dtype][1].itemsize))
         if path is None:
-            return cls(None, config, n_rows, dict(layers), dtype, writer, block_rows or default_block)
+            return cls(None, config, n_rows, layout, dtype, writer, block_rows or default_block)
         path = os.fspath(path)
         found = None
         if os.path.exists(os.path.join(path, "manifest.json")):
@@ -192,7 +201,7 @@ class GradientStore:
             "version": VERSION,
             "config": config,
             "n_rows": n_rows,
-            "layers": [[name, k] for name, k in layers.items()],
+            "layers": [[name, k] for name, k in layout.sizes.items()],
             "width": width,
             "dtype": _DTYPES[dtype][0],
             "block_rows": block_rows,
@@ -201,7 +210,7 @@ class GradientStore:
             cls._check_matches(path, found, manifest)
         else:
             cls._create(path, manifest, _DTYPES[dtype][1].itemsize)
-        return cls(path, config, n_rows, dict(layers), dtype, writer, block_rows)
+        return cls(path, config, n_rows, layout, dtype, writer, block_rows)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, writer: str = "main") -> GradientStore:
@@ -212,8 +221,8 @@ class GradientStore:
         m = read_json(manifest_path)
         cls._check_version(os.fspath(path), m)
         try:
-            return cls.open(path, config=m["config"], n_rows=m["n_rows"], layers=dict(m["layers"]),
-                            dtype=_BY_NAME[m["dtype"]], writer=writer)
+            return cls.open(path, config=m["config"], n_rows=m["n_rows"],
+                            layers=Layout(m["layers"]), dtype=_BY_NAME[m["dtype"]], writer=writer)
         except (KeyError, TypeError) as e:
             raise StoreError(f"{manifest_path} is corrupted (bad or missing field {e})") from None
 
@@ -241,6 +250,7 @@ class GradientStore:
 
     @staticmethod
     def _check_matches(path: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+        _check_layer_order(path, found.get("layers"), wanted["layers"])
         a = _flatten({k: v for k, v in found.items() if k != "config"})
         b = _flatten({k: v for k, v in wanted.items() if k != "config"})
         a.update(_flatten(found.get("config", {}), "config."))
@@ -345,9 +355,9 @@ class GradientStore:
     def _columns(self, layer: str | None) -> slice:
         if layer is None:
             return slice(0, self.width)
-        if layer not in self.offsets:
-            raise ValueError(f"layer must be one of {list(self.offsets)}, got {layer!r}")
-        return slice(*self.offsets[layer])
+        if layer not in self.layout:
+            raise ValueError(f"layer must be one of {list(self.layout)}, got {layer!r}")
+        return self.layout[layer].cols
 
     def _verify(self, start: int, stop: int) -> None:
         """Check that [start, stop) is written and that every block it touches is intact."""
@@ -485,4 +495,4 @@ class GradientStore:
     def __repr__(self) -> str:
         where = self.path or "memory"
         return (f"GradientStore({where}, n_rows={self.n_rows}, width={self.width}, "
-                f"dtype={_DTYPES[self.dtype][0]}, layers={len(self.layers)})")
+                f"dtype={_DTYPES[self.dtype][0]}, layers={len(self.layout)})")
