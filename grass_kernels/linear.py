@@ -68,7 +68,8 @@ def blocks(acts, grads, mask, bias: bool, compress, block_floats: int, workspace
     for lo in range(0, b, rows):
         hi = min(b, lo + rows)
         block_mask = None if mask is None else mask[lo:hi]
-        parts.append(compress(_form(acts[lo:hi], grads[lo:hi], block_mask, bias, scratch[: hi - lo])))
+        block = _form(acts[lo:hi], grads[lo:hi], block_mask, bias, scratch[: hi - lo])
+        parts.append(compress(block))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

@@ -10,6 +10,8 @@ import torch
 import grass_kernels as gk
 from conftest import DTYPES, rel_err
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
 # (B, T, d_in, d_out), T None: the 2-D (B, d) form.
 SHAPES = {"odd": (3, 5, 7, 11), "one token": (4, 1, 9, 6), "2-D": (5, None, 13, 3)}
 
@@ -50,9 +52,13 @@ def _autograd(acts, grads, mask, bias):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_autograd(shape, dtype, mask_kind, bias):
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_autograd(device, shape, dtype, mask_kind, bias):
     acts, grads, mask = _inputs(SHAPES[shape], dtype, mask_kind)
-    out = gk.linear_grads(acts, grads, bias=bias, token_mask=mask)
+    on = [None if t is None else t.to(device) for t in (acts, grads, mask)]
+    out = gk.linear_grads(on[0], on[1], bias=bias, token_mask=on[2])
+    assert out.device.type == device
+    out = out.cpu()
     expected = _autograd(acts, grads, mask, bias)
     d_in, d_out = SHAPES[shape][2] + bias, SHAPES[shape][3]
     assert out.dtype == torch.float32 and out.shape == (SHAPES[shape][0], d_out, d_in)
