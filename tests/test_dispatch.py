@@ -93,7 +93,12 @@ def _calls(v):
                        "fact_grass", 1),
         "fact_sjlt": (lambda b: gk.fact_sjlt(v["acts"], v["grads"], k_in=4, k_out=4, bias=True,
                                              backend=b, path="factorized"), "fact_sjlt", 1),
-        # The materialised path sketches G_i with the flat sjlt of the same backend, twice.
+        # The materialised paths compress G_i with the flat op of the same backend: grass once,
+        # sjlt twice (rows, then columns).
+        "fact_grass materialize": (
+            lambda b: gk.fact_grass(v["acts"], v["grads"], k=8, in_indices=v["idx_in"],
+                                    out_indices=v["idx_out"], bias=True, backend=b,
+                                    path="materialize"), "grass", 1),
         "fact_sjlt materialize": (
             lambda b: gk.fact_sjlt(v["acts"], v["grads"], k_in=4, k_out=4, bias=True,
                                    backend=b, path="materialize"), "sjlt", 2),
