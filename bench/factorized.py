@@ -113,13 +113,13 @@ def _row(name: str, d_in: int, d_out: int, quick: bool) -> dict:
     grads = torch.randn(B, T, d_out, generator=g)
     idx_in = gk.random_indices(d_in, GRASS_K, seed=1)
     idx_out = gk.random_indices(d_out, GRASS_K, seed=2)
-    p_in = _tables.gaussian_matrix(LOGRA_K, d_in, seed=3)
-    p_out = _tables.gaussian_matrix(LOGRA_K, d_out, seed=4)
-    buckets, signs = _tables.decode_codes(_tables.sjlt_codes(GRASS_K * GRASS_K, K, 1, 0))
+    p_in = gk.gaussian_matrix(d_in, LOGRA_K, seed=3)
+    p_out = gk.gaussian_matrix(d_out, LOGRA_K, seed=4)
+    buckets, signs = _tables.decode_codes(gk.sjlt_codes(GRASS_K * GRASS_K, K, c=1, seed=0))
     weights = signs.view(-1) * math.sqrt(d_in * d_out) / GRASS_K  # mask rescale, c = 1
     sides = {
         "fact_grass": lambda: gk.fact_grass(
-            acts, grads, K, in_indices=idx_in, out_indices=idx_out
+            acts, grads, k=K, in_indices=idx_in, out_indices=idx_out
         ),
         "fact_sjlt": lambda: gk.fact_sjlt(
             acts, grads, k_in=SJLT_K, k_out=SJLT_K, path="factorized"
@@ -166,7 +166,7 @@ def path_table(quick: bool = False) -> list[dict]:
     for d, b, t in PATH_SHAPES[:2] if quick else PATH_SHAPES:
         g = torch.Generator().manual_seed(0)
         acts, grads = torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g)
-        p = _tables.gaussian_matrix(LOGRA_K, d, seed=3)
+        p = gk.gaussian_matrix(d, LOGRA_K, seed=3)
         ops = {
             "fact_sjlt": lambda path: gk.fact_sjlt(
                 acts, grads, k_in=SJLT_K, k_out=SJLT_K, path=path

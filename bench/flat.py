@@ -56,7 +56,7 @@ def _gaussian_ms(x: torch.Tensor, k: int) -> tuple[float, float]:
     """(projection ms with the matrix drawn beforehand, ms to draw the (k, D) matrix)."""
     d = x.shape[1]
     step = _tables.GAUSSIAN_CHUNK
-    chunk = _tables.gaussian_chunk(k, d, 0, min(step, d), seed=0)  # (k, step)
+    chunk = _tables.gaussian_chunk(d, k, 0, min(step, d), seed=0)  # (k, step)
     out = torch.zeros(x.shape[0], k)
 
     def project():
@@ -67,7 +67,7 @@ def _gaussian_ms(x: torch.Tensor, k: int) -> tuple[float, float]:
 
     def draw():
         for lo in range(0, d, step):
-            _tables.gaussian_chunk(k, d, lo, min(d, lo + step), seed=0)
+            _tables.gaussian_chunk(d, k, lo, min(d, lo + step), seed=0)
 
     repeats = 3 if d * k <= 10**9 else 1
     project_ms = 1e3 * measure(project, warmup=1, repeats=repeats)
@@ -76,7 +76,7 @@ def _gaussian_ms(x: torch.Tensor, k: int) -> tuple[float, float]:
 
 def _row(x: torch.Tensor, k: int, c: int, gaussian: tuple | None, quick: bool) -> dict:
     d = x.shape[1]
-    buckets, signs = _tables.decode_codes(_tables.sjlt_codes(d, k, c, 0))
+    buckets, signs = _tables.decode_codes(gk.sjlt_codes(d, k, c=c, seed=0))
     weights = (signs / math.sqrt(c)).contiguous()
     idx = gk.random_indices(d, BLOWUP * k, seed=1)
     sides = {

@@ -286,7 +286,7 @@ def section_flat(rows: Rows) -> None:
     x_bytes = x.numel() * x.element_size()
     for c in s["cs"]:
         case = f"N={s['n']} D={s['d']:.0e} k={s['k']} c={c}"
-        codes = _tables.sjlt_codes(s["d"], s["k"], c, 0, device)
+        codes = gk.sjlt_codes(s["d"], s["k"], c=c, seed=0, device=device)
         torch_sjlt = lambda: reference.sjlt(x, codes, s["k"])
         ref = once(torch_sjlt)
         terms = s["d"] * c / s["k"]
@@ -300,7 +300,7 @@ def section_flat(rows: Rows) -> None:
 
         g_case = f"N={s['n']} D={s['d']:.0e} k'={s['kp']} k={s['k']} c={c}"
         g_bytes = s["n"] * s["kp"] * x.element_size()  # the selected entries only
-        gcodes = _tables.sjlt_codes(s["kp"], s["k"], c, 0, device)
+        gcodes = gk.sjlt_codes(s["kp"], s["k"], c=c, seed=0, device=device)
         torch_grass = lambda: reference.grass(x, idx, gcodes, s["k"], scale)
         g_ref = once(torch_grass)
         g_terms = s["kp"] * c / s["k"]
@@ -358,7 +358,7 @@ def section_factorized(rows: Rows) -> None:
         ki, ko = min(s["mask_side"], d_in), min(s["mask_side"], d_out)
         in_idx = gk.random_indices(d_in, ki, seed=1).to(device)
         out_idx = gk.random_indices(d_out, ko, seed=2).to(device)
-        codes = _tables.sjlt_codes(ki * ko, s["k"], 1, 0, device)
+        codes = gk.sjlt_codes(ki * ko, s["k"], c=1, seed=0, device=device)
         buckets, signs = _tables.decode_codes(codes)
         scale = math.sqrt(d_in * d_out / (ki * ko))
         ref = once(lambda: reference.fact_grass(acts, grads, in_idx, out_idx, codes, s["k"],
@@ -370,14 +370,14 @@ def section_factorized(rows: Rows) -> None:
         terms = s["t"] * ki * ko / s["k"]
         for backend in kernel_backends("fact_grass", dry):
             rows.add(case, "fact_grass", backend,
-                     lambda b=backend: gk.fact_grass(acts, grads, s["k"], in_indices=in_idx,
+                     lambda b=backend: gk.fact_grass(acts, grads, k=s["k"], in_indices=in_idx,
                                                      out_indices=out_idx, backend=b),
                      nbytes, ref=ref, bound=kernel_bound("fact_grass", backend, terms, dtype),
                      baseline_ms=base, memory=True)
 
         side = s["side"]
-        p_in = gk.gaussian_matrix(side, d_in, seed=3, device=device)
-        p_out = gk.gaussian_matrix(side, d_out, seed=4, device=device)
+        p_in = gk.gaussian_matrix(d_in, side, seed=3, device=device)
+        p_out = gk.gaussian_matrix(d_out, side, seed=4, device=device)
         p_in_lp, p_out_lp = p_in.to(dtype), p_out.to(dtype)
         ref = once(lambda: reference.logra(acts, grads, p_in, p_out, None, False))
         base = rows.add(case, "logra", "torch 2 matmuls + einsum",
@@ -391,8 +391,8 @@ def section_factorized(rows: Rows) -> None:
                      nbytes, ref=ref, bound=kernel_bound("logra", backend, terms, dtype),
                      baseline_ms=base, memory=True)
 
-        codes_in = _tables.sjlt_codes(d_in, side, 1, 0, device)
-        codes_out = _tables.sjlt_codes(d_out, side, 1, 1, device)
+        codes_in = gk.sjlt_codes(d_in, side, c=1, seed=0, device=device)
+        codes_out = gk.sjlt_codes(d_out, side, c=1, seed=1, device=device)
         torch_fact_sjlt = lambda: reference.fact_sjlt(acts, grads, codes_in, codes_out, side,
                                                       side, None, False)
         ref = once(torch_fact_sjlt)

@@ -28,14 +28,14 @@ def layer(request):
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(bf.B, bf.T, d_in, generator=g)
     grads = torch.randn(bf.B, bf.T, d_out, generator=g)
-    buckets, signs = _tables.decode_codes(_tables.sjlt_codes(bf.GRASS_K**2, bf.K, 1, 0))
+    buckets, signs = _tables.decode_codes(gk.sjlt_codes(bf.GRASS_K**2, bf.K, c=1, seed=0))
     return {
         "acts": acts,
         "grads": grads,
         "idx_in": gk.random_indices(d_in, bf.GRASS_K, seed=1),
         "idx_out": gk.random_indices(d_out, bf.GRASS_K, seed=2),
-        "p_in": _tables.gaussian_matrix(bf.LOGRA_K, d_in, seed=3),
-        "p_out": _tables.gaussian_matrix(bf.LOGRA_K, d_out, seed=4),
+        "p_in": gk.gaussian_matrix(d_in, bf.LOGRA_K, seed=3),
+        "p_out": gk.gaussian_matrix(d_out, bf.LOGRA_K, seed=4),
         "buckets": buckets.view(-1),
         "weights": signs.view(-1) * math.sqrt(d_in * d_out) / bf.GRASS_K,
     }
@@ -43,7 +43,7 @@ def layer(request):
 
 SIDES = {
     "fact_grass": lambda L: gk.fact_grass(
-        L["acts"], L["grads"], bf.K, in_indices=L["idx_in"], out_indices=L["idx_out"]
+        L["acts"], L["grads"], k=bf.K, in_indices=L["idx_in"], out_indices=L["idx_out"]
     ),
     "unfused_fact_grass": lambda L: bf._unfused_fact_grass(
         L["acts"], L["grads"], L["idx_in"], L["idx_out"], L["buckets"], L["weights"]

@@ -21,10 +21,12 @@ import math
 
 import torch
 
+from . import _checks
+
 _SEED_MASK = (1 << 63) - 1
 # Gaussian matrices are drawn in column chunks of this width, each from its own generator,
 # so a matrix can be produced piecewise (it is far too large to hold at D = 1e6, k = 4096)
-# and the same (k, d, seed) gives the same matrix whether it is cached or streamed.
+# and the same (d, k, seed) gives the same matrix whether it is cached or streamed.
 GAUSSIAN_CHUNK = 1 << 14
 
 
@@ -59,13 +61,25 @@ def _on_device(key: tuple, cpu_table: torch.Tensor, device: torch.device) -> tor
     return table
 
 
-def sjlt_codes(d: int, k: int, c: int = 1, seed: int = 0, device=None) -> torch.Tensor:
-    """The SJLT table for ``d`` inputs and ``k`` outputs: int32 (d, c), see the module doc.
+def sjlt_codes(d: int, k: int, *, c: int = 1, seed: int = 0, device=None) -> torch.Tensor:
+    """The SJLT table that maps ``d`` input coordinates to ``k`` buckets (see the module doc).
 
-    Sizes are assumed valid (``grass_kernels._checks.sjlt_sizes`` checks them).
+    Arguments:
+        d       int > 0, input coordinates; d * c < 2**31
+        k       int > 0, output buckets, divisible by c
+        c       int, 1 <= c <= k, buckets per coordinate
+        seed    int, the table's seed
+        device  where the table lives (default the CPU); the same table on every device
+    Returns:
+        codes   int32 (d, c): bucket b with sign +1 as b, with sign -1 as ~b
     """
+    d = _checks.positive_int("d", d)
+    k, c = _checks.sjlt_sizes(k, c)
+    # Tables are int32 (d, c); kernels index them with 32-bit offsets.
+    if d * c >= 2**31:
+        raise ValueError(f"d * c must be below 2**31 for the SJLT table; got d = {d}, c = {c}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    cpu_table = _sjlt_codes_cpu(int(d), int(k), int(c), int(seed))
+    cpu_table = _sjlt_codes_cpu(d, k, c, int(seed))
     return _on_device(("sjlt", d, k, c, seed), cpu_table, device)
 
 
@@ -85,18 +99,25 @@ def _random_indices_cpu(d: int, k: int, seed: int) -> torch.Tensor:
 
 
 def random_indices(d: int, k: int, *, seed: int = 0, device=None) -> torch.Tensor:
-    """A uniform random subset of ``[0, d)`` of size ``k``: sorted int64 (k,)."""
-    from ._checks import positive_int
+    """A uniform random subset of ``[0, d)`` of size ``k``, the index set of a random mask.
 
-    d = positive_int("d", d)
-    k = positive_int("k", k)
+    Arguments:
+        d       int > 0, the dimension indexed
+        k       int, 1 <= k <= d, entries kept
+        seed    int, the subset's seed
+        device  where the indices live (default the CPU); the same subset on every device
+    Returns:
+        indices int64 (k,), sorted, distinct, in [0, d)
+    """
+    d = _checks.positive_int("d", d)
+    k = _checks.positive_int("k", k)
     if k > d:
         raise ValueError(f"k must be at most d = {d} (a subset of [0, d)); got k = {k}")
     device = torch.device("cpu") if device is None else torch.device(device)
     return _on_device(("indices", d, k, seed), _random_indices_cpu(d, k, int(seed)), device)
 
 
-def gaussian_chunk(k: int, d: int, start: int, stop: int, seed: int) -> torch.Tensor:
+def gaussian_chunk(d: int, k: int, start: int, stop: int, seed: int) -> torch.Tensor:
     """Columns ``[start, stop)`` of the (k, d) N(0, 1/k) matrix; ``start`` is chunk-aligned."""
     if start % GAUSSIAN_CHUNK:
         raise ValueError(f"start must be a multiple of {GAUSSIAN_CHUNK}; got {start}")
@@ -111,15 +132,23 @@ def gaussian_chunk(k: int, d: int, start: int, stop: int, seed: int) -> torch.Te
 
 
 @functools.lru_cache(maxsize=16)
-def _gaussian_matrix_cpu(k: int, d: int, seed: int) -> torch.Tensor:
-    return gaussian_chunk(k, d, 0, d, seed).contiguous()
+def _gaussian_matrix_cpu(d: int, k: int, seed: int) -> torch.Tensor:
+    return gaussian_chunk(d, k, 0, d, seed).contiguous()
 
 
-def gaussian_matrix(k: int, d: int, *, seed: int = 0, device=None) -> torch.Tensor:
-    """The dense (k, d) N(0, 1/k) projection matrix (fp32) behind ``gaussian`` and LoGra."""
-    from ._checks import positive_int
+def gaussian_matrix(d: int, k: int, *, seed: int = 0, device=None) -> torch.Tensor:
+    """The dense N(0, 1/k) matrix that projects ``d`` inputs to ``k`` outputs (``gaussian``,
+    and LoGra's p_in / p_out).
 
-    k = positive_int("k", k)
-    d = positive_int("d", d)
+    Arguments:
+        d       int > 0, input dimension
+        k       int > 0, output dimension
+        seed    int, the matrix's seed
+        device  where the matrix lives (default the CPU); the same matrix on every device
+    Returns:
+        matrix  float32 (k, d); a projection is x @ matrix.T
+    """
+    d = _checks.positive_int("d", d)
+    k = _checks.positive_int("k", k)
     device = torch.device("cpu") if device is None else torch.device(device)
-    return _on_device(("gaussian", k, d, seed), _gaussian_matrix_cpu(k, d, int(seed)), device)
+    return _on_device(("gaussian", d, k, seed), _gaussian_matrix_cpu(d, k, int(seed)), device)

@@ -10,6 +10,7 @@ Conventions (shapes):
     codes    (D, c) int32  SJLT table, see ``_tables``
     acts     (B, T, d_in)  grads (B, T, d_out)
     G_i      = sum_t delta_t x_t^T, (d_out, d_in'), flattened row-major; d_in' = d_in + bias
+             (formed by ``grass_kernels.linear_grads``, a torch op with no kernels)
 """
 
 from __future__ import annotations
@@ -55,16 +56,6 @@ def linear_inputs(
     if token_mask is not None:
         x = x * token_mask.to(x.dtype).unsqueeze(-1)
     return x
-
-
-def linear_grads(
-    acts: torch.Tensor,
-    grads: torch.Tensor,
-    token_mask: torch.Tensor | None = None,
-    bias: bool = False,
-) -> torch.Tensor:
-    """The materialised per-example weight gradients G_i = sum_t delta_t x_t^T: (B, d_out, d_in')."""
-    return torch.einsum("bto,bti->boi", grads.float(), linear_inputs(acts, token_mask, bias))
 
 
 def logra(

@@ -74,13 +74,13 @@ def factorized_calls():
                 name = f"(B={b}, T={t}, {d_in}->{d_out}) {tag} mask={kind}"
                 in_idx = gk.random_indices(d_in + 1, min(d_in + 1, n_in), seed=3)
                 out_idx = gk.random_indices(d_out, min(d_out, n_out), seed=4)
-                p_in, p_out = gk.gaussian_matrix(7, d_in + 1), gk.gaussian_matrix(5, d_out)
+                p_in, p_out = gk.gaussian_matrix(d_in + 1, 7), gk.gaussian_matrix(d_out, 5)
                 yield f"logra {name}", lambda be, a=acts, g=grads, m=mask, pi=p_in, po=p_out: (
                     gk.logra(a, g, p_in=pi, p_out=po, bias=True, token_mask=m, backend=be,
                              path="factorized"))
                 yield f"fact_grass {name}", (
                     lambda be, a=acts, g=grads, m=mask, i=in_idx, o=out_idx: gk.fact_grass(
-                        a, g, 64, in_indices=i, out_indices=o, c=2, bias=True, token_mask=m,
+                        a, g, k=64, in_indices=i, out_indices=o, c=2, bias=True, token_mask=m,
                         backend=be))
                 yield f"fact_sjlt {name}", lambda be, a=acts, g=grads, m=mask: (
                     gk.fact_sjlt(a, g, k_in=8, k_out=4, c=2, bias=True, token_mask=m,
@@ -98,7 +98,7 @@ def masked_nan_calls():
         in_idx, out_idx = gk.random_indices(d_in + 1, 20, seed=7), gk.random_indices(20, 6)
 
         def call(backend, a, m=mask, g=grads, i=in_idx, o=out_idx):
-            return gk.fact_grass(a, g, 64, in_indices=i, out_indices=o, bias=True, token_mask=m,
+            return gk.fact_grass(a, g, k=64, in_indices=i, out_indices=o, bias=True, token_mask=m,
                                  backend=backend)
 
         yield f"fact_grass NaN in masked tokens d_in={d_in}", (

@@ -65,8 +65,8 @@ def _flat_equivalent(compressor, name: str, g: torch.Tensor, seed: int) -> torch
                        backend="reference")
     k_o, k_i = split_even(compressor.k, d_out, d_in)
     if isinstance(compressor, grass.LoGra):
-        p_in = gk.gaussian_matrix(k_i, d_in, seed=layer_seed(seed, name, "in"))
-        p_out = gk.gaussian_matrix(k_o, d_out, seed=layer_seed(seed, name, "out"))
+        p_in = gk.gaussian_matrix(d_in, k_i, seed=layer_seed(seed, name, "in"))
+        p_out = gk.gaussian_matrix(d_out, k_o, seed=layer_seed(seed, name, "out"))
         return (p_out @ g @ p_in.T).reshape(n, -1)
     if isinstance(compressor, grass.FactSJLT):
         # S_out G S_in^T: SJLT the rows of G, then the rows of the transposed result.
@@ -82,8 +82,8 @@ def _flat_equivalent(compressor, name: str, g: torch.Tensor, seed: int) -> torch
     if isinstance(compressor, grass.GraSS):
         idx = gk.random_indices(flat.shape[1], compressor.blowup * compressor.k,
                                 seed=layer_seed(seed, name, "mask"))
-        return reference.grass(flat, idx, gk.sjlt_codes(len(idx), compressor.k, 1,
-                                                         layer_seed(seed, name, "sjlt")),
+        return reference.grass(flat, idx, gk.sjlt_codes(len(idx), compressor.k, c=1,
+                                                         seed=layer_seed(seed, name, "sjlt")),
                                compressor.k, (flat.shape[1] / len(idx)) ** 0.5)
     if isinstance(compressor, grass.RandomMask):
         idx = gk.random_indices(flat.shape[1], compressor.k, seed=layer_seed(seed, name, "mask"))
@@ -91,7 +91,7 @@ def _flat_equivalent(compressor, name: str, g: torch.Tensor, seed: int) -> torch
     assert isinstance(compressor, grass.Gaussian)
     # Not gk.gaussian (what the compressor calls): its matrix, multiplied here in float64.
     s = layer_seed(seed, name, "gaussian")
-    matrix = gk.gaussian_matrix(compressor.k, flat.shape[1], seed=s)
+    matrix = gk.gaussian_matrix(flat.shape[1], compressor.k, seed=s)
     return flat.double() @ matrix.double().T
 
 
@@ -127,14 +127,14 @@ def test_selective_mask_uses_the_given_indices():
 
 
 def test_fact_grass_trained_masks_are_used():
-    masks = {"0": (torch.tensor([0, 5]), torch.tensor([1, 4, 9])),
-             "2": (torch.tensor([2, 3]), torch.tensor([0, 5]))}
+    masks = {"0": (torch.tensor([1, 4, 9]), torch.tensor([0, 5])),
+             "2": (torch.tensor([0, 5]), torch.tensor([2, 3]))}
     data = _data(5)
     attr = _attr(grass.FactGraSS(k=4, masks=masks))
     got = attr.features(data).values
     grads = _gradients(attr, data)
     for name, columns in attr.layers.layout.items():
-        out_idx, in_idx = masks[name]
+        in_idx, out_idx = masks[name]
         g = grads[name]
         scale = (g.shape[1] * g.shape[2] / (len(out_idx) * len(in_idx))) ** 0.5
         ref = gk.sjlt(g[:, out_idx][:, :, in_idx].reshape(5, -1) * scale, 4,

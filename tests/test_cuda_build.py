@@ -128,7 +128,7 @@ FLAT_CASES = [(1, 1, 1, 1), (5, 1003, 64, 4), (9, 70001, 512, 2), (7, 64000, 102
 def test_flat_cuda_matches_reference(n, d, k, c, dtype):
     g = torch.Generator().manual_seed(n * 7 + d)
     x = _randn(n, d, dtype=dtype, gen=g)
-    codes = gk.sjlt_codes(d, k, c, seed=3, device="cuda")
+    codes = gk.sjlt_codes(d, k, c=c, seed=3, device="cuda")
     ref = reference.sjlt(x, codes, k)
     assert rel_err(torch.ops.grass_kernels.sjlt(x, codes, k), ref) < RTOL[dtype]
     # Views with unit column stride: unaligned rows (scalar loads); aligned rows whose length
@@ -137,7 +137,7 @@ def test_flat_cuda_matches_reference(n, d, k, c, dtype):
     wide = _randn(n, d + 3, dtype=dtype, gen=g)
     padded = _randn(n, d + 16 - d % 8, dtype=dtype, gen=g)[:, : max(1, d - 3)]
     for view in (wide[:, 1:-2], padded, wide.T.contiguous().T[:, :d]):
-        view_codes = gk.sjlt_codes(view.shape[1], k, c, seed=3, device="cuda")
+        view_codes = gk.sjlt_codes(view.shape[1], k, c=c, seed=3, device="cuda")
         out = torch.ops.grass_kernels.sjlt(view, view_codes, k)
         assert rel_err(out, reference.sjlt(view, view_codes, k)) < RTOL[dtype]
 
@@ -147,7 +147,7 @@ def test_flat_cuda_matches_reference(n, d, k, c, dtype):
 
     kp = max(1, d // 3)
     idx = gk.random_indices(d, kp, seed=5).cuda()
-    gcodes = gk.sjlt_codes(kp, k, c, seed=4, device="cuda")
+    gcodes = gk.sjlt_codes(kp, k, c=c, seed=4, device="cuda")
     scale = math.sqrt(d / kp)
     out_g = torch.ops.grass_kernels.grass(x, idx, gcodes, k, scale)
     assert rel_err(out_g, reference.grass(x, idx, gcodes, k, scale)) < RTOL[dtype]
@@ -177,7 +177,7 @@ def test_fact_grass_cuda_matches_reference(case, dtype, masked):
     mask = (torch.rand(b, t, generator=g) > 0.3).float().cuda() if masked else None
     in_idx = gk.random_indices(d_in + bias, ki, seed=1).cuda()
     out_idx = gk.random_indices(d_out, ko, seed=2).cuda()
-    codes = gk.sjlt_codes(ki * ko, k, c, seed=6, device="cuda")
+    codes = gk.sjlt_codes(ki * ko, k, c=c, seed=6, device="cuda")
     scale = math.sqrt(d_out * (d_in + bias) / (ki * ko))
     args = (acts, grads, in_idx, out_idx, codes, k, scale, mask, bias)
     out = torch.ops.grass_kernels.fact_grass(*args)
@@ -187,7 +187,7 @@ def test_fact_grass_cuda_matches_reference(case, dtype, masked):
 @needs_gpu
 def test_cuda_kernels_run_on_the_current_stream():
     x = _randn(4, 5000)
-    codes = gk.sjlt_codes(5000, 256, 2, seed=0, device="cuda")
+    codes = gk.sjlt_codes(5000, 256, c=2, seed=0, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())  # x was made on the default stream
     with torch.cuda.stream(side):

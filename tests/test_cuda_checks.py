@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import grass_kernels as gk
-from grass_kernels import _backend, _tables
+from grass_kernels import _backend
 
 OPS = torch.ops.grass_kernels
 
@@ -26,7 +26,7 @@ def _device(name: str) -> str:
 
 
 def _codes(d: int, k: int, c: int, device: str) -> torch.Tensor:
-    return _tables.sjlt_codes(d, k, c, 0).clone().to(device)
+    return gk.sjlt_codes(d, k, c=c, seed=0).clone().to(device)
 
 
 def _linear(device: str):
@@ -101,8 +101,8 @@ def test_backend_cuda_refused_where_no_cuda_kernel(op):
     acts, grads = _linear("cpu")
     for path in ("factorized", "materialize"):
         if op == "logra":
-            p_in = gk.gaussian_matrix(4, 8, seed=0)
-            p_out = gk.gaussian_matrix(3, 6, seed=1)
+            p_in = gk.gaussian_matrix(8, 4, seed=0)
+            p_out = gk.gaussian_matrix(6, 3, seed=1)
             call = lambda: gk.logra(acts, grads, p_in=p_in, p_out=p_out, backend="cuda", path=path)
         else:
             call = lambda: gk.fact_sjlt(acts, grads, k_in=4, k_out=4, backend="cuda", path=path)

@@ -83,8 +83,8 @@ def fact_grass_case(acts, grads, k, ki, ko, *, c=1, bias=False, mask=None, in_id
     out_idx = gk.random_indices(d_out, ko, seed=2).cuda()
     kwargs = dict(in_indices=in_idx, out_indices=out_idx, c=c, seed=6, bias=bias,
                   token_mask=mask)
-    out = gk.fact_grass(acts, grads, k, backend="cuda", **kwargs)
-    ref = gk.fact_grass(acts, grads, k, backend="reference", **kwargs)
+    out = gk.fact_grass(acts, grads, k=k, backend="cuda", **kwargs)
+    ref = gk.fact_grass(acts, grads, k=k, backend="reference", **kwargs)
     tokens = acts.shape[1] if acts.dim() == 3 else 1
     err = rel_err(out, ref)
     bound = tolerance(tokens * in_idx.numel() * ko * c / k)

@@ -88,12 +88,17 @@ def _calls(v):
         "grass": (lambda b: gk.grass(v["x"], 8, indices=v["idx"], c=2, backend=b), "grass", 1),
         "logra": (lambda b: gk.logra(v["acts"], v["grads"], p_in=v["p_in"], p_out=v["p_out"],
                                      bias=True, backend=b, path="factorized"), "logra", 1),
-        "fact_grass": (lambda b: gk.fact_grass(v["acts"], v["grads"], 8, in_indices=v["idx_in"],
+        "fact_grass": (lambda b: gk.fact_grass(v["acts"], v["grads"], k=8, in_indices=v["idx_in"],
                                                out_indices=v["idx_out"], bias=True, backend=b),
                        "fact_grass", 1),
         "fact_sjlt": (lambda b: gk.fact_sjlt(v["acts"], v["grads"], k_in=4, k_out=4, bias=True,
                                              backend=b, path="factorized"), "fact_sjlt", 1),
-        # The materialised path sketches G_i with the flat sjlt of the same backend, twice.
+        # The materialised paths compress G_i with the flat op of the same backend: grass once,
+        # sjlt twice (rows, then columns).
+        "fact_grass materialize": (
+            lambda b: gk.fact_grass(v["acts"], v["grads"], k=8, in_indices=v["idx_in"],
+                                    out_indices=v["idx_out"], bias=True, backend=b,
+                                    path="materialize"), "grass", 1),
         "fact_sjlt materialize": (
             lambda b: gk.fact_sjlt(v["acts"], v["grads"], k_in=4, k_out=4, bias=True,
                                    backend=b, path="materialize"), "sjlt", 2),

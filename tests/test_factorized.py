@@ -2,7 +2,7 @@
 
     factorized(X, Delta) == flat map applied to vec(G_i),  G_i = sum_t delta_t x_t^T
 
-with G_i materialised by ``reference.linear_grads`` (and, in ``test_real_two_layer_net``, by
+with G_i materialised by ``grass_kernels.linear_grads`` (and, in ``test_real_two_layer_net``, by
 torch.func per-example gradients of a real network), on every kernel backend.
 """
 
@@ -56,12 +56,12 @@ def _gradient(acts, grads, mask, bias):
     if acts.dim() == 2:
         acts, grads = acts.unsqueeze(1), grads.unsqueeze(1)
     m = None if mask is None else mask.float()
-    return reference.linear_grads(acts, grads, m, bias)
+    return gk.linear_grads(acts, grads, token_mask=m, bias=bias)
 
 
 def _dense_sjlt(d, k, c, seed):
     """The SJLT as a dense (k, d) matrix, by pushing the identity through the reference."""
-    return reference.sjlt(torch.eye(d), _tables.sjlt_codes(d, k, c, seed), k).T
+    return reference.sjlt(torch.eye(d), gk.sjlt_codes(d, k, c=c, seed=seed), k).T
 
 
 def _kron(a, b):
@@ -77,8 +77,8 @@ def _flat(matrix, gradient):
 # Each contract: (call the op, expected output from the materialised gradient G).
 def _logra(acts, grads, mask, bias, backend, k=(5, 7), **kw):
     d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    p_in = _tables.gaussian_matrix(k[1], d_in, seed=11, device=acts.device)
-    p_out = _tables.gaussian_matrix(k[0], d_out, seed=12, device=acts.device)
+    p_in = gk.gaussian_matrix(d_in, k[1], seed=11, device=acts.device)
+    p_out = gk.gaussian_matrix(d_out, k[0], seed=12, device=acts.device)
     out = gk.logra(
         acts, grads, p_in=p_in, p_out=p_out, bias=bias, token_mask=mask, backend=backend, **kw
     )
@@ -90,7 +90,7 @@ def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6
     in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, n[1]), seed=3)
     out_idx = gk.random_indices(d_out, min(d_out, n[0]), seed=4)
     out = gk.fact_grass(
-        acts, grads, k, in_indices=in_idx.to(acts.device), out_indices=out_idx.to(acts.device),
+        acts, grads, k=k, in_indices=in_idx.to(acts.device), out_indices=out_idx.to(acts.device),
         c=c, seed=5, bias=bias, token_mask=mask, backend=backend, **kw,
     )
     reduced = _gradient(acts, grads, mask, bias)[:, out_idx][:, :, in_idx].flatten(1)
@@ -198,7 +198,7 @@ def test_out_dtype():
     assert rel_err(out, expected) > RTOL[torch.float32]  # and it was rounded
 
 
-@pytest.mark.parametrize("op", ["logra", "fact_sjlt"])
+@pytest.mark.parametrize("op", ["logra", "fact_grass", "fact_sjlt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_paths_agree(op, dtype):
     """The fused path and the materialise-then-compress path give the same output."""
@@ -219,15 +219,20 @@ def test_path_rule():
         assert choice(op, t=4096, d=16)
         assert not choice(op, t=256, d=4096)
     assert not choice("fact_sjlt", t=4096, d=256)
+    # fact_grass's fused kernel forms only the masked k_o' x k_i' gradient (k' <= d): never
+    # more work than G_i, down to masks that keep every coordinate.
+    for t, d, kept in ((1, 16, 16), (4096, 16, 16), (4096, 16, 4), (256, 4096, 64)):
+        acts = torch.empty(1, t, d)
+        assert not _materialized_path("auto", "fact_grass", acts, acts, False, kept, kept)
 
 
 def test_path_materialize_chunks(monkeypatch):
-    """The materialised path forms G_i for bounded chunks of examples, and chunks agree."""
+    """The materialised path forms G_i for bounded blocks of examples, and blocks agree."""
     import grass_kernels.factorized as fz
 
     acts, grads, mask = _inputs((5, 4, 6, 3), torch.float32, "bool")
     whole, _ = _fact_sjlt(acts, grads, mask, True, "cpu", path="materialize")
-    monkeypatch.setattr(fz, "_MATERIALIZE_FLOATS", 1)  # one example per chunk
+    monkeypatch.setattr(fz, "BLOCK_FLOATS", 1)  # one example per block
     chunked, expected = _fact_sjlt(acts, grads, mask, True, "cpu", path="materialize")
     assert torch.equal(whole, chunked)
     assert rel_err(chunked, expected) < RTOL[torch.float32]
@@ -242,7 +247,7 @@ def test_deterministic_and_seeded():
     assert rel_err(run(1), run(0)) > 0.1
     idx_in, idx_out = gk.random_indices(40, 9, seed=1), gk.random_indices(30, 7, seed=2)
     grass = lambda seed: gk.fact_grass(
-        acts, grads, 64, in_indices=idx_in, out_indices=idx_out, seed=seed, token_mask=mask
+        acts, grads, k=64, in_indices=idx_in, out_indices=idx_out, seed=seed, token_mask=mask
     )
     assert torch.equal(grass(0), grass(0))
     assert rel_err(grass(1), grass(0)) > 0.1
@@ -253,13 +258,13 @@ def test_cached_tables_equal_fresh_draws(device):
     seeds under another global RNG state: one map for every device, call and process."""
     torch.manual_seed(12345)
     torch.randn(1000)
-    codes = _tables.sjlt_codes(77, 16, 2, 9, device).cpu()
-    matrix = _tables.gaussian_matrix(5, 33, seed=2, device=device).cpu()
+    codes = gk.sjlt_codes(77, 16, c=2, seed=9, device=device).cpu()
+    matrix = gk.gaussian_matrix(33, 5, seed=2, device=device).cpu()
     assert torch.equal(codes, _tables._sjlt_codes_cpu.__wrapped__(77, 16, 2, 9))
-    assert torch.equal(matrix, _tables._gaussian_matrix_cpu.__wrapped__(5, 33, 2))
+    assert torch.equal(matrix, _tables._gaussian_matrix_cpu.__wrapped__(33, 5, 2))
     # Another seed gives another table (the comparison is not of something constant).
     assert not torch.equal(_tables._sjlt_codes_cpu.__wrapped__(77, 16, 2, 10), codes)
-    assert not torch.equal(_tables._gaussian_matrix_cpu.__wrapped__(5, 33, 3), matrix)
+    assert not torch.equal(_tables._gaussian_matrix_cpu.__wrapped__(33, 5, 3), matrix)
 
 
 @pytest.mark.slow
@@ -278,10 +283,10 @@ def test_more_than_2_31_elements():
     fresh = torch.Generator().manual_seed(2)
     acts[rows] = torch.randn(len(rows), t, d_in, generator=fresh).bfloat16()
     in_idx, out_idx = gk.random_indices(d_in + 1, 20, seed=3), torch.arange(d_out)
-    p_in, p_out = _tables.gaussian_matrix(8, d_in + 1, seed=4), _tables.gaussian_matrix(2, d_out)
+    p_in, p_out = gk.gaussian_matrix(d_in + 1, 8, seed=4), gk.gaussian_matrix(d_out, 2)
     calls = {
         "fact_grass": lambda a, g, backend: gk.fact_grass(
-            a, g, 64, in_indices=in_idx, out_indices=out_idx, bias=True, backend=backend),
+            a, g, k=64, in_indices=in_idx, out_indices=out_idx, bias=True, backend=backend),
         "fact_sjlt": lambda a, g, backend: gk.fact_sjlt(
             a, g, k_in=8, k_out=2, bias=True, backend=backend, path="factorized"),
         "logra": lambda a, g, backend: gk.logra(
@@ -330,8 +335,8 @@ def test_real_two_layer_net():
         for op in OPS.values():
             got, expected = op(acts, grads, keep, True, "cpu")
             assert rel_err(got, expected) < RTOL[torch.float32]
-        p_in = _tables.gaussian_matrix(7, acts.shape[-1] + 1, seed=11)
-        p_out = _tables.gaussian_matrix(5, grads.shape[-1], seed=12)
+        p_in = gk.gaussian_matrix(acts.shape[-1] + 1, 7, seed=11)
+        p_out = gk.gaussian_matrix(grads.shape[-1], 5, seed=12)
         got = gk.logra(acts, grads, p_in=p_in, p_out=p_out, bias=True, token_mask=keep)
         assert rel_err(got, _flat(_kron(p_out, p_in), gradient)) < RTOL[torch.float32]
 
@@ -346,7 +351,7 @@ def _good():
 def _grass_call(acts=None, grads=None, in_indices=None, out_indices=None, **kw):
     a, g, i, o = _good()
     return gk.fact_grass(
-        a if acts is None else acts, g if grads is None else grads, 16,
+        a if acts is None else acts, g if grads is None else grads, k=16,
         in_indices=i if in_indices is None else in_indices,
         out_indices=o if out_indices is None else out_indices, **kw,
     )
@@ -398,11 +403,11 @@ def test_bad_input_fact_sjlt():
 def test_native_op_rejects_out_of_range_tables():
     """Called directly (no Python checks), the kernel refuses tables that do not fit."""
     acts, grads, idx_in, idx_out = _good()
-    codes = _tables.sjlt_codes(8, 16, 1, 0)
+    codes = gk.sjlt_codes(8, 16, c=1, seed=0)
     ops = torch.ops.grass_kernels
     with pytest.raises(ValueError, match="in_indices must lie in"):
         ops.fact_grass(acts, grads, torch.tensor([0, 9]), idx_out, codes[:4], 16, 1.0, None, True)
     with pytest.raises(ValueError, match=r"codes must hold buckets in \[0, k = 8\)"):
         ops.fact_grass(acts, grads, idx_in, idx_out, codes, 8, 1.0, None, False)
     with pytest.raises(ValueError, match=r"codes_in must have shape \(9, c\)"):
-        ops.fact_sjlt(acts, grads, codes, _tables.sjlt_codes(5, 4, 1, 0), 16, 4, None, True)
+        ops.fact_sjlt(acts, grads, codes, gk.sjlt_codes(5, 4, c=1, seed=0), 16, 4, None, True)

@@ -135,11 +135,12 @@ def test_non_contiguous_inputs(device, backend, dtype):
     x = _random((n, d), dtype, device, seed=11)
     y = _random((n, k), dtype, device, seed=12)
     idx = _indices(d, seed=1).to(device)
-    ref_sjlt = reference.sjlt(x, _tables.sjlt_codes(d, k, c, 0, device), k)
+    ref_sjlt = reference.sjlt(x, gk.sjlt_codes(d, k, c=c, seed=0, device=device), k)
     ref_grass = reference.grass(
-        x, idx, _tables.sjlt_codes(idx.numel(), k, c, 0, device), k, math.sqrt(d / idx.numel())
+        x, idx, gk.sjlt_codes(idx.numel(), k, c=c, seed=0, device=device), k,
+        math.sqrt(d / idx.numel())
     )
-    ref_t = reference.sjlt_transpose(y, _tables.sjlt_codes(d, k, c, 0, device))
+    ref_t = reference.sjlt_transpose(y, gk.sjlt_codes(d, k, c=c, seed=0, device=device))
     for name, view in _non_contiguous(x).items():
         assert not view.is_contiguous() and torch.equal(view, x)
         assert rel_err(gk.sjlt(view, k, c=c, backend=backend), ref_sjlt) < RTOL[dtype], name
@@ -256,7 +257,9 @@ def test_mask_values():
     x = _random((3, 50), torch.float32, "cpu", seed=0)
     idx = torch.tensor([0, 7, 49, 20])
     assert torch.equal(gk.mask(x, idx), x[:, idx] * math.sqrt(50 / 4))
-    assert gk.mask(x.bfloat16(), idx).dtype == torch.bfloat16
+    half = x.bfloat16()
+    assert torch.equal(gk.mask(half, idx), half[:, idx].float() * math.sqrt(50 / 4))
+    assert gk.mask(half, idx).dtype == torch.float32
 
 
 def test_random_indices_uniform():
@@ -276,7 +279,7 @@ def test_gaussian_matches_materialised_matrix():
     x = _random((5, 301), torch.bfloat16, "cpu", seed=1)
     out = gk.gaussian(x, 24, seed=2)
     assert out.dtype == torch.float32 and out.shape == (5, 24)
-    ref = x.float() @ gk.gaussian_matrix(24, 301, seed=2).T
+    ref = x.float() @ gk.gaussian_matrix(301, 24, seed=2).T
     assert rel_err(out, ref) < RTOL[torch.float32]
 
 
@@ -291,7 +294,7 @@ def test_gaussian_streamed_path(monkeypatch):
     monkeypatch.setattr(flat, "_GAUSSIAN_CACHE_BYTES", 1)  # nothing fits: stream
     monkeypatch.setattr(_tables, "gaussian_matrix", None)  # the cached matrix is never asked for
     streamed = gk.gaussian(x, k, seed=seed)
-    chunks = [_tables.gaussian_chunk(k, d, lo, min(d, lo + _tables.GAUSSIAN_CHUNK), seed)
+    chunks = [_tables.gaussian_chunk(d, k, lo, min(d, lo + _tables.GAUSSIAN_CHUNK), seed)
               for lo in range(0, d, _tables.GAUSSIAN_CHUNK)]
     assert [c.shape[1] for c in chunks] == [_tables.GAUSSIAN_CHUNK] * 2 + [1001]
     expected = x.double() @ torch.cat(chunks, dim=1).double().T
@@ -306,12 +309,12 @@ def test_gaussian_unbiased():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tables_identical_across_devices():
-    codes = _tables.sjlt_codes(1001, 64, 4, 3, "cuda")
-    assert torch.equal(codes.cpu(), _tables.sjlt_codes(1001, 64, 4, 3))
-    idx = _tables.random_indices(1000, 77, seed=5, device="cuda")
+    codes = gk.sjlt_codes(1001, 64, c=4, seed=3, device="cuda")
+    assert torch.equal(codes.cpu(), gk.sjlt_codes(1001, 64, c=4, seed=3))
+    idx = gk.random_indices(1000, 77, seed=5, device="cuda")
     assert torch.equal(idx.cpu(), gk.random_indices(1000, 77, seed=5))
-    matrix = gk.gaussian_matrix(16, 300, seed=1, device="cuda")
-    assert torch.equal(matrix.cpu(), gk.gaussian_matrix(16, 300, seed=1))
+    matrix = gk.gaussian_matrix(300, 16, seed=1, device="cuda")
+    assert torch.equal(matrix.cpu(), gk.gaussian_matrix(300, 16, seed=1))
     x = _random((3, 1001), torch.float32, "cpu", seed=0)
     assert rel_err(gk.sjlt(x.cuda(), 64, c=4, seed=3), gk.sjlt(x, 64, c=4, seed=3)) < 1e-5
 
@@ -330,12 +333,12 @@ def test_more_than_2_31_elements():
         x[lo : lo + 4096] = block[: n - lo]
     rows = torch.tensor([2**31 // d - 1, 2**31 // d, n - 2, n - 1])  # around and past 2**31
     x[rows] = _random((len(rows), d), torch.bfloat16, "cpu", seed=1)
-    codes = _tables.sjlt_codes(d, k, c, 0)
+    codes = gk.sjlt_codes(d, k, c=c, seed=0)
     out = gk.sjlt(x, k, c=c, backend="cpu")
     assert rel_err(out[rows], reference.sjlt(x[rows], codes, k)) < RTOL[torch.bfloat16]
     idx = torch.tensor([0, 5, 400, d - 1])
     out = gk.grass(x, k, indices=idx, c=c, backend="cpu")
-    ref = reference.grass(x[rows], idx, _tables.sjlt_codes(4, k, c, 0), k, math.sqrt(d / 4))
+    ref = reference.grass(x[rows], idx, gk.sjlt_codes(4, k, c=c, seed=0), k, math.sqrt(d / 4))
     assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
 
 
@@ -354,7 +357,7 @@ def test_transpose_more_than_2_31_elements():
     rows = torch.tensor([2**31 // k - 1, 2**31 // k, n - 2, n - 1])
     y[rows] = _random((len(rows), k), torch.bfloat16, "cpu", seed=1)
     out = gk.sjlt_transpose(y, d, c=c, backend="cpu")
-    ref = reference.sjlt_transpose(y[rows], _tables.sjlt_codes(d, k, c, 0))
+    ref = reference.sjlt_transpose(y[rows], gk.sjlt_codes(d, k, c=c, seed=0))
     del y
     assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
 
@@ -454,21 +457,21 @@ def test_native_ops_reject_bad_tables():
     """Called directly (no Python checks), the CPU ops still refuse tables that would read or
     write out of bounds."""
     ops = torch.ops.grass_kernels
-    codes = _tables.sjlt_codes(40, 8, 2, 0).clone()
+    codes = gk.sjlt_codes(40, 8, c=2, seed=0).clone()
     codes[7, 1] = 8  # bucket 8 with k = 8
     with pytest.raises(ValueError, match=r"buckets in \[0, k = 8\)"):
         ops.sjlt(X, codes, 8)
     codes[7, 1] = ~9  # negative sign, bucket 9
     with pytest.raises(ValueError, match=r"buckets in \[0, k = 8\)"):
         ops.sjlt_transpose(torch.randn(3, 8), codes)
-    good = _tables.sjlt_codes(3, 8, 2, 0)
+    good = gk.sjlt_codes(3, 8, c=2, seed=0)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 40\)"):
         ops.grass(X, torch.tensor([1, 2, 40]), good, 8, 1.0)
     with pytest.raises(ValueError, match="codes must have shape"):
         ops.sjlt(X, good, 8)
     with pytest.raises(TypeError, match="codes must be int32"):
-        ops.sjlt(X, _tables.sjlt_codes(40, 8, 2, 0).long(), 8)
+        ops.sjlt(X, gk.sjlt_codes(40, 8, c=2, seed=0).long(), 8)
     with pytest.raises(ValueError, match=r"c = 2 copies per coordinate but k = 1"):
-        ops.sjlt(X, _tables.sjlt_codes(40, 8, 2, 0), 1)
+        ops.sjlt(X, gk.sjlt_codes(40, 8, c=2, seed=0), 1)
     with pytest.raises(ValueError, match="k must be positive"):
         ops.grass(X, torch.tensor([1, 2, 3]), good, 0, 1.0)

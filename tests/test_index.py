@@ -155,7 +155,7 @@ def test_load_refuses_an_incomplete_index(tmp_path):
 
 
 def test_trained_masks_need_the_compressor(tmp_path):
-    masks = {"0": (torch.arange(3), torch.arange(4)), "2": (torch.arange(2), torch.arange(3))}
+    masks = {"0": (torch.arange(4), torch.arange(3)), "2": (torch.arange(3), torch.arange(2))}
     compressor = grass.FactGraSS(k=4, blowup=1, masks=masks)
     attr = grass.Attributor(_model(), _loss, compressor, store=tmp_path / "idx", progress=False)
     attr.cache(_data())

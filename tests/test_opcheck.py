@@ -20,15 +20,16 @@ def _args():
     acts, grads = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 4, generator=g)
     mask = torch.rand(2, 5, generator=g)
     return {
-        "sjlt": (x, gk.sjlt_codes(12, 8, 2, seed=0), 8),
-        "sjlt_transpose": (torch.randn(3, 8, generator=g), gk.sjlt_codes(12, 8, 2, seed=0)),
-        "grass": (x, gk.random_indices(12, 5, seed=1), gk.sjlt_codes(5, 8, 2, seed=1), 8, 1.5),
+        "sjlt": (x, gk.sjlt_codes(12, 8, c=2, seed=0), 8),
+        "sjlt_transpose": (torch.randn(3, 8, generator=g), gk.sjlt_codes(12, 8, c=2, seed=0)),
+        "grass": (x, gk.random_indices(12, 5, seed=1), gk.sjlt_codes(5, 8, c=2, seed=1), 8, 1.5),
         "logra": (acts, grads, torch.randn(3, 7, generator=g), torch.randn(2, 4, generator=g),
                   mask, True),
         "fact_grass": (acts, grads, gk.random_indices(7, 3, seed=2),
-                       gk.random_indices(4, 2, seed=3), gk.sjlt_codes(6, 8, 1, seed=2), 8, 2.0,
+                       gk.random_indices(4, 2, seed=3), gk.sjlt_codes(6, 8, c=1, seed=2), 8, 2.0,
                        mask, True),
-        "fact_sjlt": (acts, grads, gk.sjlt_codes(7, 4, 1, seed=4), gk.sjlt_codes(4, 4, 1, seed=5),
+        "fact_sjlt": (acts, grads, gk.sjlt_codes(7, 4, c=1, seed=4),
+                      gk.sjlt_codes(4, 4, c=1, seed=5),
                       4, 4, mask, True),
     }
 

@@ -18,7 +18,7 @@ NATIVE = {"cpu": "cpu", "cuda": "cuda"}
 
 
 def _codes(rows: int, k: int, c: int, seed: int) -> torch.Tensor:
-    return gk.sjlt_codes(rows, k, c, seed=seed)
+    return gk.sjlt_codes(rows, k, c=c, seed=seed)
 
 
 def _bad_inputs():

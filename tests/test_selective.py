@@ -55,7 +55,8 @@ def test_factorized_mask_keeps_the_informative_rows_and_columns():
         v[:, cols] = torch.randn(n, len(cols), generator=gen)
         return u[:, :, None] * v[:, None, :]
 
-    out_idx, in_idx = train_factorized_mask(sample(48), sample(12), k_out, k_in, steps=150)
+    in_idx, out_idx = train_factorized_mask(sample(48), sample(12), k_in=k_in, k_out=k_out,
+                                            steps=150)
     assert torch.equal(out_idx, rows) and torch.equal(in_idx, cols)
 
 
@@ -68,7 +69,7 @@ def test_mask_bad_input():
     with pytest.raises(ValueError, match="train must be a 2-D tensor"):
         train_flat_mask(g[0], g, 3)
     with pytest.raises(ValueError, match="k_out <= d_out=2"):
-        train_factorized_mask(g.view(8, 2, 5), g.view(8, 2, 5), 3, 2)
+        train_factorized_mask(g.view(8, 2, 5), g.view(8, 2, 5), k_in=2, k_out=3)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,8 @@ def test_saved_factorized_mask_is_the_one_fact_grass_uses(digits, tmp_path):
     full = Attributor(model, per_example_loss, Identity(), progress=False)
     grads = full.features(test).values
     got = again.features(test).values
-    for name, (out_idx, in_idx) in loaded.items():
-        assert torch.equal(out_idx, masks[name][0]) and torch.equal(in_idx, masks[name][1])
+    for name, (in_idx, out_idx) in loaded.items():
+        assert torch.equal(in_idx, masks[name][0]) and torch.equal(out_idx, masks[name][1])
         module = dict(model.named_modules())[name]
         g = grads[:, full.layers[name].columns.cols].reshape(-1, module.out_features,
                                                               module.in_features + 1)

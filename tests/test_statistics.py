@@ -150,7 +150,7 @@ def table_estimates(u, v, k: int, c: int, seeds: range) -> torch.Tensor:
     d = u.numel()
     out = []
     for seed in seeds:
-        codes = _tables.sjlt_codes(d, k, c, seed)
+        codes = gk.sjlt_codes(d, k, c=c, seed=seed)
         out.append(float(sketch_with_table(codes, u, k).dot(sketch_with_table(codes, v, k))))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -161,7 +161,7 @@ def table_failures(d: int, k: int, c: int, seeds: range) -> list[str]:
     Structure, occupancy and signs of one large table (seed 0, 40 d rows so each bucket
     expects >= 40 entries), then the variance of |Su|^2 and <Su, Sv> over ``seeds``.
     """
-    big = _tables.sjlt_codes(40 * d, k, c, seeds[0])
+    big = gk.sjlt_codes(40 * d, k, c=c, seed=seeds[0])
     failures = structure_failures(big, 40 * d, k, c)
     p = occupancy_pvalue(big, k, c)
     if p < P_MIN:

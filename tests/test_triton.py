@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from conftest import DTYPES, RTOL, rel_err, rtol
-from grass_kernels import _tables, reference
+import grass_kernels as gk
+from grass_kernels import _backend, reference
 from grass_kernels import triton as grass_triton
 from grass_kernels.triton import fact_grass, fact_sjlt, logra
 
@@ -64,11 +65,11 @@ def test_flat_ops_match_reference(device, dtype, shape, c):
     k = 24
     x = _randn(n, d, dtype=dtype, device=device)
     y = _randn(n, k, dtype=dtype, device=device, seed=1)
-    codes = _tables.sjlt_codes(d, k, c, 3, device)
+    codes = gk.sjlt_codes(d, k, c=c, seed=3, device=device)
     _check(OPS.sjlt(x, codes, k), reference.sjlt(x, codes, k), dtype)
     _check(OPS.sjlt_transpose(y, codes), reference.sjlt_transpose(y, codes), dtype)
-    idx = _tables.random_indices(d, d // 3, seed=2, device=device)
-    codes_idx = _tables.sjlt_codes(idx.numel(), k, c, 4, device)
+    idx = gk.random_indices(d, d // 3, seed=2, device=device)
+    codes_idx = gk.sjlt_codes(idx.numel(), k, c=c, seed=4, device=device)
     _check(OPS.grass(x, idx, codes_idx, k, 1.75), reference.grass(x, idx, codes_idx, k, 1.75),
            dtype)
 
@@ -78,11 +79,11 @@ def test_flat_ops_strided_inputs(device):
     base = _randn(300, 9, device=device)
     x = base.T  # (9, 300), strides (1, 9)
     y = _randn(40, 9, device=device).T[:, :20]  # (9, 20)
-    codes = _tables.sjlt_codes(300, 20, 2, 5, device)
+    codes = gk.sjlt_codes(300, 20, c=2, seed=5, device=device)
     _check(OPS.sjlt(x, codes, 20), reference.sjlt(x, codes, 20), torch.float32)
     _check(OPS.sjlt_transpose(y, codes), reference.sjlt_transpose(y, codes), torch.float32)
-    idx = _tables.random_indices(300, 101, seed=1, device=device)
-    codes_idx = _tables.sjlt_codes(101, 20, 2, 6, device)
+    idx = gk.random_indices(300, 101, seed=1, device=device)
+    codes_idx = gk.sjlt_codes(101, 20, c=2, seed=6, device=device)
     _check(OPS.grass(x, idx, codes_idx, 20, 1.0), reference.grass(x, idx, codes_idx, 20, 1.0),
            torch.float32)
 
@@ -92,7 +93,7 @@ def test_out_of_range_table_entries_are_refused_before_the_launch(device):
     largest bad bucket is named (tests/test_range_policy.py compares every op's message)."""
     d, k = 200, 16
     x = _randn(3, d, device=device)
-    codes = _tables.sjlt_codes(d, k, 1, 0, device).clone()
+    codes = gk.sjlt_codes(d, k, c=1, seed=0, device=device).clone()
     codes[torch.arange(0, d, 7, device=device)] = k + 1000
     message = r"codes must hold buckets in \[0, k = 16\); found bucket 1016"
     with pytest.raises(ValueError, match=message):
@@ -153,12 +154,12 @@ def test_logra_matches_reference(device, dtype, name, bias, masked):
 def test_fact_grass_matches_reference(device, dtype, name, bias, masked):
     b, t, d_in, d_out, n_in, n_out = FACT_SHAPES[name]
     acts, grads, mask = _fact_inputs(FACT_SHAPES[name], dtype, device, masked)
-    in_idx = _tables.random_indices(d_in + bias, n_in, seed=6, device=device)
+    in_idx = gk.random_indices(d_in + bias, n_in, seed=6, device=device)
     if bias:  # the virtual bias column is always selected
         in_idx = torch.cat([in_idx[:-1], torch.tensor([d_in], device=device)])
-    out_idx = _tables.random_indices(d_out, n_out, seed=7, device=device)
+    out_idx = gk.random_indices(d_out, n_out, seed=7, device=device)
     k, c = 48, 3
-    codes = _tables.sjlt_codes(n_in * n_out, k, c, 8, device)
+    codes = gk.sjlt_codes(n_in * n_out, k, c=c, seed=8, device=device)
     scale = math.sqrt(d_out * (d_in + bias) / (n_in * n_out))
     expected = reference.fact_grass(acts, grads, in_idx, out_idx, codes, k, scale, mask, bias)
     for splits in _splits(name):
@@ -174,8 +175,8 @@ def test_fact_sjlt_matches_reference(device, dtype, name, bias, masked):
     acts, grads, mask = _fact_inputs(FACT_SHAPES[name], dtype, device, masked)
     c = 2 if name == "tiles" else 1
     k_in, k_out = k_in - k_in % c, k_out - k_out % c
-    codes_in = _tables.sjlt_codes(d_in + bias, k_in, c, 9, device)
-    codes_out = _tables.sjlt_codes(d_out, k_out, c, 10, device)
+    codes_in = gk.sjlt_codes(d_in + bias, k_in, c=c, seed=9, device=device)
+    codes_out = gk.sjlt_codes(d_out, k_out, c=c, seed=10, device=device)
     expected = reference.fact_sjlt(acts, grads, codes_in, codes_out, k_in, k_out, mask, bias)
     for splits in _splits(name):
         out = fact_sjlt.launch(acts, grads, codes_in, codes_out, k_in, k_out, mask, bias,
@@ -190,9 +191,9 @@ def test_factorized_strided_inputs(device):
     p_in, p_out = _randn(16, 33, device=device, seed=2), _randn(8, 20, device=device, seed=3)
     _check(OPS.logra(acts, grads, p_in, p_out, None, False),
            reference.logra(acts, grads, p_in, p_out, None, False), torch.float32)
-    in_idx = _tables.random_indices(33, 11, seed=4, device=device)
-    out_idx = _tables.random_indices(20, 7, seed=5, device=device)
-    codes = _tables.sjlt_codes(77, 32, 1, 6, device)
+    in_idx = gk.random_indices(33, 11, seed=4, device=device)
+    out_idx = gk.random_indices(20, 7, seed=5, device=device)
+    codes = gk.sjlt_codes(77, 32, c=1, seed=6, device=device)
     _check(OPS.fact_grass(acts, grads, in_idx, out_idx, codes, 32, 1.0, None, False),
            reference.fact_grass(acts, grads, in_idx, out_idx, codes, 32, 1.0, None, False),
            torch.float32)
@@ -204,13 +205,13 @@ def test_public_api_dispatches_to_triton(device):
 
     # Atomics may add in any order on a GPU: equal up to fp32 rounding, not bitwise.
     x = _randn(3, 129, device=device)
-    direct = OPS.sjlt(x, _tables.sjlt_codes(129, 16, 2, 1, device), 16)
+    direct = OPS.sjlt(x, gk.sjlt_codes(129, 16, c=2, seed=1, device=device), 16)
     assert rel_err(gk.sjlt(x, 16, c=2, seed=1, backend="triton"), direct) < 1e-6
     acts, grads, mask = _fact_inputs(FACT_SHAPES["odd"], torch.float32, device, True)
     out = gk.fact_sjlt(acts, grads, k_in=8, k_out=4, bias=True, token_mask=mask,
                        backend="triton", path="factorized")
-    codes_in = _tables.sjlt_codes(46, 8, 1, 0, device)
-    codes_out = _tables.sjlt_codes(29, 4, 1, 1, device)
+    codes_in = gk.sjlt_codes(46, 8, c=1, seed=0, device=device)
+    codes_out = gk.sjlt_codes(29, 4, c=1, seed=1, device=device)
     direct = OPS.fact_sjlt(acts, grads, codes_in, codes_out, 8, 4, mask, True)
     assert rel_err(out, direct) < 1e-6
 
@@ -219,17 +220,17 @@ def test_public_api_dispatches_to_triton(device):
 # naming the argument instead of reading out of bounds.
 def _bad_calls():
     x = torch.randn(4, 10)
-    codes = _tables.sjlt_codes(10, 8, 1, 0)
+    codes = gk.sjlt_codes(10, 8, c=1, seed=0)
     acts, grads = torch.randn(2, 3, 6), torch.randn(2, 3, 5)
     idx_in, idx_out = torch.arange(3), torch.arange(2)
-    fg_codes = _tables.sjlt_codes(6, 8, 1, 0)
+    fg_codes = gk.sjlt_codes(6, 8, c=1, seed=0)
     return [
         ("sjlt", (x.long(), codes, 8), TypeError, "x must be float32"),
         ("sjlt", (x[None], codes, 8), ValueError, r"x must have shape \(N, D\)"),
         ("sjlt", (x, codes.long(), 8), TypeError, "codes must be an int32"),
         ("sjlt", (x, codes[:9], 8), ValueError, r"codes must have shape \(10, c\)"),
         ("sjlt_transpose", (x, codes[:, 0]), ValueError, r"codes must have shape \(D, c\)"),
-        ("grass", (x, idx_in.int(), _tables.sjlt_codes(3, 8, 1, 0), 8, 1.0), TypeError,
+        ("grass", (x, idx_in.int(), gk.sjlt_codes(3, 8, c=1, seed=0), 8, 1.0), TypeError,
          "indices must be an int64"),
         ("grass", (x, idx_in, codes, 8, 1.0), ValueError, r"codes must have shape \(3, c\)"),
         ("logra", (acts, grads[:1], torch.randn(4, 6), torch.randn(4, 5), None, False),
@@ -242,9 +243,11 @@ def _bad_calls():
                         False), TypeError, "token_mask must be float32"),
         ("fact_grass", (acts, grads, idx_in, idx_out, codes, 8, 1.0, None, False), ValueError,
          r"codes must have shape \(6, c\)"),
-        ("fact_sjlt", (acts, grads, _tables.sjlt_codes(6, 8, 2, 0), _tables.sjlt_codes(5, 8, 1, 0),
+        ("fact_sjlt", (acts, grads, gk.sjlt_codes(6, 8, c=2, seed=0),
+                       gk.sjlt_codes(5, 8, c=1, seed=0),
                        8, 8, None, False), ValueError, "the same c"),
-        ("fact_sjlt", (acts, grads, _tables.sjlt_codes(6, 8, 1, 0), _tables.sjlt_codes(5, 8, 1, 0),
+        ("fact_sjlt", (acts, grads, gk.sjlt_codes(6, 8, c=1, seed=0),
+                       gk.sjlt_codes(5, 8, c=1, seed=0),
                        8, 8, None, True), ValueError, r"codes_in must have shape \(7, c\)"),
     ]
 
@@ -274,13 +277,14 @@ def _export_cases():
     acts, grads, mask = torch.randn(2, 7, 12), torch.randn(2, 7, 9), torch.rand(2, 7)
     idx_in, idx_out = torch.arange(0, 13, 2), torch.arange(0, 9, 3)
     return [
-        ("sjlt", (x, _tables.sjlt_codes(40, 16, 2, 0), 16)),
-        ("sjlt_transpose", (torch.randn(5, 16), _tables.sjlt_codes(40, 16, 2, 0))),
-        ("grass", (x, torch.arange(0, 40, 3), _tables.sjlt_codes(14, 16, 2, 0), 16, 1.5)),
+        ("sjlt", (x, gk.sjlt_codes(40, 16, c=2, seed=0), 16)),
+        ("sjlt_transpose", (torch.randn(5, 16), gk.sjlt_codes(40, 16, c=2, seed=0))),
+        ("grass", (x, torch.arange(0, 40, 3), gk.sjlt_codes(14, 16, c=2, seed=0), 16, 1.5)),
         ("logra", (acts, grads, torch.randn(4, 13), torch.randn(3, 9), mask, True)),
-        ("fact_grass", (acts, grads, idx_in, idx_out, _tables.sjlt_codes(21, 16, 1, 0), 16, 1.0,
+        ("fact_grass", (acts, grads, idx_in, idx_out, gk.sjlt_codes(21, 16, c=1, seed=0), 16, 1.0,
                         mask, True)),
-        ("fact_sjlt", (acts, grads, _tables.sjlt_codes(13, 8, 2, 0), _tables.sjlt_codes(9, 4, 2, 1),
+        ("fact_sjlt", (acts, grads, gk.sjlt_codes(13, 8, c=2, seed=0),
+                       gk.sjlt_codes(9, 4, c=2, seed=1),
                        8, 4, mask, True)),
     ]
 
@@ -331,14 +335,14 @@ def _recorded_launches() -> list[tuple]:
         x = torch.randn(64, 1000).to(dtype)
         acts, grads = torch.randn(8, 100, 300).to(dtype), torch.randn(8, 100, 200).to(dtype)
         mask = torch.rand(8, 100)
-        sjlt.sjlt(x, _tables.sjlt_codes(1000, 4096, 2, 0), 4096)
-        sjlt_transpose.sjlt_transpose(x[:, :512], _tables.sjlt_codes(1000, 512, 2, 0))
-        grass.grass(x, torch.arange(0, 1000, 2), _tables.sjlt_codes(500, 4096, 2, 0), 4096, 1.0)
+        sjlt.sjlt(x, gk.sjlt_codes(1000, 4096, c=2, seed=0), 4096)
+        sjlt_transpose.sjlt_transpose(x[:, :512], gk.sjlt_codes(1000, 512, c=2, seed=0))
+        grass.grass(x, torch.arange(0, 1000, 2), gk.sjlt_codes(500, 4096, c=2, seed=0), 4096, 1.0)
         logra.launch(acts, grads, torch.randn(64, 301), torch.randn(64, 200), mask, True, 2)
         fact_grass.launch(acts, grads, torch.arange(128), torch.arange(128),
-                          _tables.sjlt_codes(128 * 128, 4096, 2, 0), 4096, 1.0, mask, True, 2)
-        fact_sjlt.launch(acts, grads, _tables.sjlt_codes(301, 64, 2, 0),
-                         _tables.sjlt_codes(200, 64, 2, 1), 64, 64, mask, True, 2)
+                          gk.sjlt_codes(128 * 128, 4096, c=2, seed=0), 4096, 1.0, mask, True, 2)
+        fact_sjlt.launch(acts, grads, gk.sjlt_codes(301, 64, c=2, seed=0),
+                         gk.sjlt_codes(200, 64, c=2, seed=1), 64, 64, mask, True, 2)
         labels += [str(dtype).split(".")[-1]] * 6
     return [(label, *launch) for label, launch in zip(labels, launches)]
 
@@ -405,7 +409,7 @@ def no_interpreter_report(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_ops_trace_with_torch_export(no_interpreter_report):
     report = no_interpreter_report["export"]
-    assert sorted(report) == sorted(grass_triton.OPS)
+    assert sorted(report) == sorted(_backend.OPS)
     for op, row in report.items():
         assert f"grass_triton.{op}.default" in row["ops_in_graph"], (op, row)
         assert row["shape_ok"] and row["dtype_ok"], (op, row)
@@ -414,7 +418,7 @@ def test_ops_trace_with_torch_export(no_interpreter_report):
 @pytest.mark.slow
 def test_kernels_lower_for_sm90(no_interpreter_report):
     rows = no_interpreter_report["lowering"]
-    assert {r["kernel"] for r in rows} == {f"_{op}_kernel" for op in grass_triton.OPS}
+    assert {r["kernel"] for r in rows} == {f"_{op}_kernel" for op in _backend.OPS}
     assert all(r["cubin"] > 0 for r in rows)
     spilling = [r for r in rows if r["dtype"] != "float32" and r.get("spill_bytes", 0) > 0]
     assert not spilling, spilling

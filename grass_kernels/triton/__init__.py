@@ -15,9 +15,8 @@ import torch
 
 from . import fact_grass, fact_sjlt, grass, logra, sjlt, sjlt_transpose  # noqa: F401  (register)
 
-OPS = ("sjlt", "sjlt_transpose", "grass", "logra", "fact_grass", "fact_sjlt")
-
 
 def ops():
-    """``torch.ops.grass_triton``: the namespace holding the six registered Triton ops."""
+    """``torch.ops.grass_triton``: the namespace holding the registered Triton ops, one per name
+    in ``grass_kernels._backend.OPS``."""
     return torch.ops.grass_triton

@@ -8,7 +8,7 @@ derived with a stable hash, so every process and every device builds the same ma
 Factorized compressors (LoGra, FactGraSS, FactSJLT) read the layer's inputs and output
 gradients directly. Flat ones (Identity, SJLT, RandomMask, SelectiveMask, GraSS, Gaussian) act
 on the materialised per-example gradient vec(G_i), G_i = sum_t delta_t x_t^T (d_out, d_in'),
-which is formed a few examples at a time into a reused buffer.
+which ``grass_kernels.linear_grads`` forms a few examples at a time into a reused workspace.
 
 Feature layout: vec(G_i) is row-major over (d_out, d_in'), d_in' = d_in + bias, with the bias
 as the last input column; a transformers Conv1D (weight (d_in, d_out)) uses the same layout.
@@ -26,14 +26,10 @@ from typing import Callable, Mapping
 import torch
 
 import grass_kernels as gk
-from grass_kernels._checks import positive_int
 
 log = logging.getLogger("grass")
 
 LayerFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-# Per-example gradients are formed at most this many fp32 elements at a time (64 MB).
-_MATERIALIZE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -99,39 +95,21 @@ def mask_sides(target: int, d_out: int, d_in: int) -> tuple[int, int]:
 
 
 class _PerExampleGradients:
-    """vec(G_i) for a few examples at a time, in a buffer reused across calls, then ``flat``."""
+    """``flat(vec(G_i))`` a few examples at a time, the blocks formed in one workspace that is
+    kept across calls (allocating it per call costs more than a one-token GEMM)."""
 
-    def __init__(self, layer: LayerShape, flat: Callable[[torch.Tensor], torch.Tensor] | None):
+    def __init__(self, layer: LayerShape, flat: Callable[[torch.Tensor], torch.Tensor]):
         self.layer = layer
         self.flat = flat
-        self.rows = max(1, _MATERIALIZE_ELEMENTS // layer.numel)
-        self.buffer: torch.Tensor | None = None
-
-    def _gradients(self, acts, grads, token_mask) -> torch.Tensor:
-        """G_i for every example of the (small) chunk: (m, d_out * d_in') fp32, in the buffer."""
-        m, d_in = acts.shape[0], self.layer.d_in
-        if self.buffer is None or self.buffer.device != acts.device:
-            self.buffer = torch.empty(
-                self.rows, self.layer.d_out, self.layer.d_in_total, device=acts.device
-            )
-        g = self.buffer[:m]
-        delta = grads.float()
-        if token_mask is not None:
-            delta = delta * token_mask.to(delta.dtype).unsqueeze(-1)
-        torch.bmm(delta.transpose(1, 2), acts.float(), out=g[:, :, :d_in])
-        if self.layer.bias:
-            g[:, :, d_in] = delta.sum(1)
-        return g.view(m, -1)
+        self.workspace: torch.Tensor | None = None
 
     def __call__(self, acts, grads, token_mask) -> torch.Tensor:
-        parts = []
-        for lo in range(0, acts.shape[0], self.rows):
-            hi = lo + self.rows
-            mask = None if token_mask is None else token_mask[lo:hi]
-            g = self._gradients(acts[lo:hi], grads[lo:hi], mask)
-            # The buffer is overwritten by the next chunk: keep a copy when there is no map.
-            parts.append(g.clone() if self.flat is None else self.flat(g))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.workspace is None or self.workspace.device != acts.device:
+            self.workspace = torch.empty(0, device=acts.device)
+        return gk.linear_grads(
+            acts, grads, bias=self.layer.bias, token_mask=token_mask,
+            compress=lambda g: self.flat(g.flatten(1)), workspace=self.workspace,
+        )
 
 
 # Field metadata: a backend changes how a map is computed, not which map it is, so it stays out
@@ -158,7 +136,7 @@ class Compressor:
     """Base of every compressor config; subclasses define ``_build``.
 
     ``backend`` (where a subclass has it) picks the ``grass_kernels`` backend; None chooses by
-    device (grass_kernels._backend).
+    device (``grass_kernels.backends()`` reports the choice).
     """
 
     def build(self, layer: LayerShape, *, seed: int, device=None) -> LayerMap:
@@ -187,8 +165,12 @@ class Compressor:
 
     def __post_init__(self):
         for name in ("k", "blowup", "c"):
-            if hasattr(self, name):
-                positive_int(name, getattr(self, name))
+            value = getattr(self, name, 1)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be a positive int; got {type(value).__name__} "
+                                f"{value!r}")
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value}")
 
 
 def _flat_map(layer: LayerShape, k: int, flat: Callable[[torch.Tensor], torch.Tensor]) -> LayerMap:
@@ -200,7 +182,10 @@ class Identity(Compressor):
     """No compression: vec(G_i) itself, k_l = d_out * (d_in + bias)."""
 
     def _build(self, layer, seed, device):
-        return LayerMap(layer.numel, _PerExampleGradients(layer, None))
+        def fn(acts, grads, token_mask):
+            return gk.linear_grads(acts, grads, bias=layer.bias, token_mask=token_mask).flatten(1)
+
+        return LayerMap(layer.numel, fn)
 
 
 @dataclass(frozen=True)
@@ -302,10 +287,10 @@ class LoGra(Compressor):
     def _build(self, layer, seed, device):
         k_out, k_in = split_even(self.k, layer.d_out, layer.d_in_total)
         p_in = gk.gaussian_matrix(
-            k_in, layer.d_in_total, seed=layer_seed(seed, layer.name, "in"), device=device
+            layer.d_in_total, k_in, seed=layer_seed(seed, layer.name, "in"), device=device
         )
         p_out = gk.gaussian_matrix(
-            k_out, layer.d_out, seed=layer_seed(seed, layer.name, "out"), device=device
+            layer.d_out, k_out, seed=layer_seed(seed, layer.name, "out"), device=device
         )
 
         def fn(acts, grads, token_mask):
@@ -322,8 +307,9 @@ class FactGraSS(Compressor):
     """Mask both sides of G_i to k_o' x k_i' (k_o' k_i' ~ blowup * k, 128 x 128 for k = 4096),
     then SJLT to k; the paper's method, one fused kernel per layer.
 
-    masks: optional trained masks, layer name -> (out_indices, in_indices) (see
-    ``grass.selective``); layers without an entry get uniform random masks.
+    masks: optional trained masks, layer name -> (in_indices, out_indices), the order of
+    ``grass_kernels.fact_grass`` (see ``grass.selective``); layers without an entry get uniform
+    random masks.
     """
 
     k: int
@@ -335,23 +321,24 @@ class FactGraSS(Compressor):
     )
 
     def _indices(self, layer: LayerShape, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in_indices, out_indices) of ``layer``: int64 (k_i',) and (k_o',) on ``device``."""
         if layer.name in self.masks:
-            out_idx, in_idx = self.masks[layer.name]
-            return out_idx.to(device, torch.int64), in_idx.to(device, torch.int64)
+            in_idx, out_idx = self.masks[layer.name]
+            return in_idx.to(device, torch.int64), out_idx.to(device, torch.int64)
         k_out, k_in = mask_sides(self.blowup * self.k, layer.d_out, layer.d_in_total)
         out_idx = gk.random_indices(layer.d_out, k_out, seed=layer_seed(seed, layer.name, "out"))
         in_idx = gk.random_indices(
             layer.d_in_total, k_in, seed=layer_seed(seed, layer.name, "in")
         )
-        return out_idx.to(device), in_idx.to(device)
+        return in_idx.to(device), out_idx.to(device)
 
     def _build(self, layer, seed, device):
-        out_idx, in_idx = self._indices(layer, seed, device)
+        in_idx, out_idx = self._indices(layer, seed, device)
         s = layer_seed(seed, layer.name, "sjlt")
 
         def fn(acts, grads, token_mask):
             return gk.fact_grass(
-                acts, grads, self.k, in_indices=in_idx, out_indices=out_idx, c=self.c, seed=s,
+                acts, grads, k=self.k, in_indices=in_idx, out_indices=out_idx, c=self.c, seed=s,
                 bias=layer.bias, token_mask=token_mask, backend=self.backend,
             )
 

@@ -81,10 +81,11 @@ def train_flat_mask(train: torch.Tensor, test: torch.Tensor, k: int, *, steps: i
     return _top(logits, k)
 
 
-def train_factorized_mask(train: torch.Tensor, test: torch.Tensor, k_out: int, k_in: int, *,
+def train_factorized_mask(train: torch.Tensor, test: torch.Tensor, *, k_in: int, k_out: int,
                           steps: int = 200, lr: float = 0.2, l1: float = 0.3, seed: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output rows and input columns to keep: sorted int64 (k_out,) and (k_in,).
+    """Input columns and output rows to keep, (in_indices, out_indices) as
+    `grass_kernels.fact_grass` takes them: sorted int64 (k_in,) and (k_out,).
 
     train: (n, d_out, d_in') and test: (m, d_out, d_in') per-example gradients of one layer.
     """
@@ -106,7 +107,7 @@ def train_factorized_mask(train: torch.Tensor, test: torch.Tensor, k_out: int, k
 
     _optimise([out_logits, in_logits], masked, test.flatten(1) @ train.flatten(1).T,
               steps=steps, lr=lr, l1=l1)
-    return _top(out_logits, k_out), _top(in_logits, k_in)
+    return _top(in_logits, k_in), _top(out_logits, k_out)
 
 
 def train_masks(model: torch.nn.Module, loss_fn, train_sample, test_sample, *, k: int,
@@ -114,7 +115,7 @@ def train_masks(model: torch.nn.Module, loss_fn, train_sample, test_sample, *, k
     """Selective masks for every captured layer of `model` from small data samples.
 
     Flat (factorized=False): layer name -> (k,) indices, for SelectiveMask(k, indices=...).
-    Factorized: layer name -> (out_indices, in_indices) with k_o'·k_i' ≈ blowup·k (the sides
+    Factorized: layer name -> (in_indices, out_indices) with k_o'·k_i' ≈ blowup·k (the sides
     FactGraSS would use), for FactGraSS(k, blowup=blowup, masks=...). Layers with at most k
     (flat) or blowup·k (factorized) parameters are left out: the compressors keep those whole.
     `options` go to train_flat_mask / train_factorized_mask (steps, lr, l1, seed).
@@ -131,7 +132,8 @@ def train_masks(model: torch.nn.Module, loss_fn, train_sample, test_sample, *, k
             k_out, k_in = mask_sides(blowup * k, shape.d_out, shape.d_in_total)
             side = (-1, shape.d_out, shape.d_in_total)
             masks[name] = train_factorized_mask(train[:, cols].reshape(side),
-                                                test[:, cols].reshape(side), k_out, k_in, **options)
+                                                test[:, cols].reshape(side), k_in=k_in,
+                                                k_out=k_out, **options)
         elif k < shape.numel:
             masks[name] = train_flat_mask(train[:, cols], test[:, cols], k, **options)
     return masks
@@ -146,8 +148,8 @@ def save_masks(store: GradientStore, masks: dict) -> None:
     for layer, value in masks.items():
         flat, out, in_ = _array_names(layer)
         if isinstance(value, tuple):
-            store.save_array(out, value[0])
-            store.save_array(in_, value[1])
+            store.save_array(in_, value[0])
+            store.save_array(out, value[1])
         else:
             store.save_array(flat, value)
 
@@ -161,5 +163,5 @@ def load_masks(store: GradientStore, layers: Iterable[str] | None = None) -> dic
         if store.has_array(flat):
             masks[layer] = store.load_array(flat)
         elif store.has_array(out) and store.has_array(in_):
-            masks[layer] = (store.load_array(out), store.load_array(in_))
+            masks[layer] = (store.load_array(in_), store.load_array(out))
     return masks
