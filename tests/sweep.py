@@ -19,8 +19,9 @@ column for the factorized ops), and asserts
 The oracle is each op's linear map written out in torch in float64, on the same (rounded) inputs
 the kernel reads: a flat op is x -> x M^T with M the dense matrix of the map; a factorized op is
 G_i -> vec(L G_i R^T), then a flat map F for fact_grass, with G_i the per-example gradient
-formed here in float64 (linear_grads' own oracle) and L, R the two side maps (projections, SJLTs or row selections). The tables come
-from grass_kernels' table makers, which test_statistics.py checks on their own.
+formed here in float64 (linear_grads' own oracle) and L, R the two side maps (projections,
+SJLTs or row selections). The tables come from grass_kernels' table makers, which
+test_statistics.py checks on their own.
 """
 
 from __future__ import annotations
@@ -433,24 +434,24 @@ def expected_events(case: Case) -> list[str]:
     return [f"{'triton' if case.backend == 'triton' else 'native'}:{case.op}"]
 
 
-def run_variant(case: Case, variant) -> dict:
-    """One variant of ``case``: {"events", "out", "expected", "lowp"} (lowp None unless
-    ``bound`` needs it)."""
+def run_variant(case: Case, variant, lowp: bool | None = None) -> dict:
+    """One variant of ``case``: {"events", "out", "expected", "lowp"}. ``lowp`` (a factorized
+    op's ``lowp_output``) is computed when asked for, by default when ``bound`` needs it."""
     s, dev = case.shape, case.device
-    lowp = None
+    if lowp is None:
+        lowp = multiplies_in_16_bits(case.op, case.dtype, case.device, case.backend)
     if case.op in FLAT_OPS:
         width = s.k if case.op == "sjlt_transpose" else s.d_in
         inp = with_layout(random_tensor((s.rows, width), case.dtype, dev, seed=1), variant)
         call, flat_map = _flat_call(case, inp)
-        expected = flat_map(inp.double())
+        expected, lowp = flat_map(inp.double()), None
     else:
         mask_kind, bias = variant
         acts, grads, mask = layer_inputs(s.b, s.t, s.d_in, s.d_out, case.dtype, dev,
                                          mask=mask_kind, seed=1)
         call, maps = _factorized_call(case, acts, grads, mask, bias)
         expected = factorized_oracle(maps, acts, grads, mask, bias)
-        if multiplies_in_16_bits(case.op, case.dtype, case.device, case.backend):
-            lowp = lowp_output(maps, acts, grads, mask, bias)
+        lowp = lowp_output(maps, acts, grads, mask, bias) if lowp else None
     result = {}
     result["events"] = implementations_run(lambda: result.setdefault("out", call()))
     return {**result, "expected": expected, "lowp": lowp}
@@ -460,13 +461,13 @@ def check_variant(case: Case, variant, run: dict) -> None:
     """The three assertions of the module doc for one variant's ``run_variant`` result."""
     out, expected = run["out"], run["expected"]
     where = f"{case.op} {case.backend} {case.dtype} {case.shape.name} {variant}"
-    assert run["events"] == expected_events(case), (where, run["events"])
-    assert out.dtype == torch.float32 and out.shape == expected.shape, (where, out.dtype,
-                                                                         out.shape)
+    assert run["events"] == expected_events(case), f"dispatch: {where} ran {run['events']}"
+    assert out.dtype == torch.float32 and out.shape == expected.shape, (
+        f"form: {where} gave {out.dtype} {tuple(out.shape)}")
     assert float(expected.abs().sum()) > 0, where  # never compare zeros
     lowp_err = None if run["lowp"] is None else rel_err(run["lowp"], expected)
-    err = rel_err(out, expected)
-    assert err < bound(case, lowp_err), (where, err, bound(case, lowp_err))
+    err, most = rel_err(out, expected), bound(case, lowp_err)
+    assert err < most, f"value: {where}: relative error {err:.3g} above the bound {most:.3g}"
 
 
 def check(case: Case) -> None:
