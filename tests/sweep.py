@@ -86,6 +86,7 @@ MASK_BIAS = tuple((mask, bias) for mask in (None, "bool", "float") for bias in (
 # Fewer where six would cost too much: the plain call and the hardest one (bias column and a
 # fractional mask); under the Triton interpreter, where it is slowest, the hardest alone.
 TWO = ((None, False), ("float", True))
+WITH_BIAS = tuple((mask, True) for mask in (None, "bool", "float"))
 HARDEST = (("float", True),)
 # Memory layouts of a flat op's input (see ``with_layout``).
 ALL_LAYOUTS = ("contiguous", "transposed", "column_step", "row_step", "offset", "padded")
@@ -159,6 +160,15 @@ SHAPES = {s.name: s for s in [
           3, 17, 70, 45, 64, 2, 8, 4, 9, 6),
     Shape("tiles", "3 T-tiles of 64 and a tail, d in 32-steps with tails, 2 output tiles a side",
           2, 150, 70, 66, 48, 2, 70, 64, 71, 65, interpreter="hardest", mask_bias=TWO),
+    Shape("panels-dense", "CPU fact_grass: kept columns dense in their rows, several 8- and "
+          "32-wide panels and a partial last one", 3, 37, 70, 45, 64, 2, 8, 4, 41, 19,
+          families=FACTORIZED, mask_bias=WITH_BIAS),
+    Shape("panels-sparse", "CPU fact_grass: kept columns sparse in their rows (gathered "
+          "column by column)", 2, 29, 1500, 1100, 64, 2, 8, 4, 71, 21,
+          families=FACTORIZED, mask_bias=WITH_BIAS),
+    Shape("panels-mixed", "CPU fact_grass: T past one 512-token tile, sparse inputs, dense "
+          "outputs", 2, 600, 1500, 45, 64, 2, 8, 4, 33, 9,
+          families=FACTORIZED, mask_bias=WITH_BIAS),
     Shape("long", "T = 1000 through a small layer",
           2, 1000, 19, 13, 64, 2, 8, 4, 9, 6, mask_bias=TWO),
     Shape("threads", "rows split evenly over CPU threads",
@@ -379,29 +389,31 @@ def per_example_gradient(acts, grads, mask, bias: bool) -> torch.Tensor:
     return torch.einsum("bto,bti->boi", g, x)
 
 
-def _factorized_call(case: Case, acts, grads, mask, bias: bool) -> tuple:
-    """(call of the public op, its maps (L, R, F): out = vec(L G_i R^T) @ F^T, F None = I;
-    L, R and F as in ``apply_side``)."""
-    s, kw, dev = case.shape, _kernel_kw(case.backend), acts.device
-    d_in = s.d_in + int(bias)
-    common = dict(bias=bias, token_mask=mask, **kw)
+def factorized_call(case: Case, acts, grads, mask, bias: bool, **options) -> tuple:
+    """(call of the public op on these inputs, its maps (L, R, F): out = vec(L G_i R^T) @ F^T,
+    F None = I; L, R and F as in ``apply_side``). The sizes of the maps come from case.shape,
+    the dimensions from the tensors; ``options`` (path=, out_dtype=) go to the op."""
+    s, dev = case.shape, acts.device
+    d_in, d_out = acts.shape[-1] + int(bias), grads.shape[-1]
+    common = dict(bias=bias, token_mask=mask, **_kernel_kw(case.backend))
     if case.op == "linear_grads":
         return (lambda: gk.linear_grads(acts, grads, **common)), (None, None, None)
+    common = {"path": "factorized", **common, **options}
     if case.op == "logra":
         p_in = gk.gaussian_matrix(d_in, s.k_in, seed=11, device=dev)
-        p_out = gk.gaussian_matrix(s.d_out, s.k_out, seed=12, device=dev)
-        call = lambda: gk.logra(acts, grads, p_in=p_in, p_out=p_out, path="factorized", **common)
+        p_out = gk.gaussian_matrix(d_out, s.k_out, seed=12, device=dev)
+        call = lambda: gk.logra(acts, grads, p_in=p_in, p_out=p_out, **common)
         return call, (p_out.double(), p_in.double(), None)
     if case.op == "fact_sjlt":
         call = lambda: gk.fact_sjlt(acts, grads, k_in=s.k_in, k_out=s.k_out, c=s.c, seed_in=6,
-                                    seed_out=7, path="factorized", **common)
-        return call, (Sketch(s.d_out, s.k_out, s.c, 7), Sketch(d_in, s.k_in, s.c, 6), None)
+                                    seed_out=7, **common)
+        return call, (Sketch(d_out, s.k_out, s.c, 7), Sketch(d_in, s.k_in, s.c, 6), None)
     idx_in = indices(d_in, s.keep_in, seed=3, device=dev)
-    idx_out = indices(s.d_out, s.keep_out, seed=4, device=dev)
+    idx_out = indices(d_out, s.keep_out, seed=4, device=dev)
     reduced = idx_in.numel() * idx_out.numel()
     call = lambda: gk.fact_grass(acts, grads, k=s.k, in_indices=idx_in, out_indices=idx_out,
-                                 c=s.c, seed=5, path="factorized", **common)
-    scale = math.sqrt(s.d_out * d_in / reduced)
+                                 c=s.c, seed=5, **common)
+    scale = math.sqrt(d_out * d_in / reduced)
     return call, (idx_out, idx_in, Sketch(reduced, s.k, s.c, 5, scale))
 
 
@@ -413,6 +425,15 @@ def factorized_oracle(maps, acts, grads, mask, bias: bool) -> torch.Tensor:
     out = apply_side(left, apply_side(right, gradient).transpose(1, 2)).transpose(1, 2)
     out = out.flatten(1)  # (B, k_out * k_in), row-major over (k_out, k_in)
     return out if final is None else apply_side(final, out)
+
+
+def contract(op: str, shape: str, acts, grads, mask=None, bias=False, backend="cpu",
+             **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the factorized op's output, the oracle's) on these inputs, with the map sizes of the
+    table's ``shape``: the contract factorized(X, Delta) == flat map of vec(G_i)."""
+    case = Case(op, str(acts.device.type), backend, acts.dtype, SHAPES[shape])
+    call, maps = factorized_call(case, acts, grads, mask, bias, **options)
+    return call(), factorized_oracle(maps, acts, grads, mask, bias)
 
 
 def lowp_output(maps, acts, grads, mask, bias: bool) -> torch.Tensor:
@@ -449,7 +470,7 @@ def run_variant(case: Case, variant, lowp: bool | None = None) -> dict:
         mask_kind, bias = variant
         acts, grads, mask = layer_inputs(s.b, s.t, s.d_in, s.d_out, case.dtype, dev,
                                          mask=mask_kind, seed=1)
-        call, maps = _factorized_call(case, acts, grads, mask, bias)
+        call, maps = factorized_call(case, acts, grads, mask, bias)
         expected = factorized_oracle(maps, acts, grads, mask, bias)
         lowp = lowp_output(maps, acts, grads, mask, bias) if lowp else None
     result = {}
