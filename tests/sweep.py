@@ -33,13 +33,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import backends_for, rel_err
+from conftest import DTYPES, backends_for, rel_err
 from test_dispatch import implementations_run
 
 import grass_kernels as gk
 from grass_kernels import _backend, _tables
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Every device is swept; those absent here skip with the reason.
 DEVICES = ("cpu", "cuda")
 FLAT_OPS = ("sjlt", "sjlt_transpose", "mask", "grass", "gaussian")
 FACTORIZED_OPS = ("linear_grads", "logra", "fact_grass", "fact_sjlt")
