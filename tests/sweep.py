@@ -42,6 +42,7 @@ from grass_kernels import _backend, _tables
 # Every device is swept; those absent here skip with the reason.
 DEVICES = ("cpu", "cuda")
 FLAT_OPS = ("sjlt", "sjlt_transpose", "mask", "grass", "gaussian")
+# The ops on a linear layer's (acts, grads): its per-example gradient and the factorized maps.
 FACTORIZED_OPS = ("linear_grads", "logra", "fact_grass", "fact_sjlt")
 # mask, gaussian and linear_grads are torch ops (a gather, GEMMs): no backend argument and no
 # kernel.
@@ -90,6 +91,9 @@ WITH_BIAS = tuple((mask, True) for mask in (None, "bool", "float"))
 HARDEST = (("float", True),)
 # Memory layouts of a flat op's input (see ``with_layout``).
 ALL_LAYOUTS = ("contiguous", "transposed", "column_step", "row_step", "offset", "padded")
+# The CUDA kernels' load paths: rows unaligned (scalar loads), aligned with a ragged tail
+# (vector loads), read through a column stride.
+CUDA_LOADS = ("contiguous", "offset", "padded", "transposed")
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class Shape:
     under the Triton interpreter, which is slow: every variant ("all"), TWO or HARDEST
     factorized variants ("two", "hardest"; flat ops run their layouts), the flat ops alone
     ("flat"), or nothing ("none"). ``devices``: the paths of the CUDA kernels that only large
-    sizes reach are swept on CUDA alone.
+    sizes reach are swept on CUDA alone (every variant: they cost the CPU suite nothing).
     """
 
     name: str
@@ -139,6 +143,8 @@ SHAPES = {s.name: s for s in [
     #     name  why  b  t  d_in  d_out  k  c  k_in  k_out  keep_in  keep_out
     Shape("one-row", "N = B = 1, 2-D inputs (T = 1), odd sizes inside one tile",
           1, None, 37, 23, 8, 1, 7, 5, 9, 6, interpreter="all"),
+    Shape("2d", "2-D inputs (T = 1), B = 5",
+          5, None, 37, 23, 64, 2, 8, 4, 9, 6, families=FACTORIZED, interpreter="all"),
     Shape("odd", "odd D over many column tiles, c = 3",
           5, None, 1001, 45, 24, 3, 9, 6, 334, 7, interpreter="flat", mask_bias=TWO),
     Shape("c4", "c = 4, D past two 1024-wide tiles",
@@ -148,14 +154,18 @@ SHAPES = {s.name: s for s in [
           layouts=ALL_LAYOUTS),
     Shape("wide-row", "one row: 4096 columns per Triton program",
           1, None, 5003, 11, 24, 4, 8, 4, 1668, 5, families=FLAT, interpreter="all"),
+    Shape("wide-row-c1", "one row, c = 1",
+          1, None, 5003, 11, 24, 1, 8, 4, 1668, 5, families=FLAT, interpreter="all"),
     Shape("rows-70", "70 rows: two Triton row blocks of 64",
           70, None, 150, 11, 24, 1, 8, 4, 50, 5, families=FLAT, interpreter="all"),
+    Shape("rows-70-c4", "70 rows, c = 4",
+          70, None, 150, 11, 24, 4, 8, 4, 50, 5, families=FLAT, interpreter="all"),
     Shape("t=1", "3-D inputs with T = 1",
           3, 1, 17, 9, 32, 1, 5, 4, 5, 4, interpreter="two", mask_bias=TWO),
     Shape("d_out=1", "one output feature",
-          4, 9, 33, 1, 16, 2, 8, 2, 9, 1, interpreter="two"),
-    Shape("tokens", "T = 7; fact_grass keeps every column on both sides",
-          3, 7, 45, 29, 48, 1, 40, 17, 46, 29, interpreter="hardest", mask_bias=TWO),
+          4, 9, 33, 1, 16, 2, 8, 2, 9, 1, interpreter="all"),
+    Shape("tokens", "T = 7, c = 3; fact_grass keeps every column on both sides",
+          3, 7, 45, 29, 48, 3, 39, 15, 46, 29, interpreter="two", mask_bias=TWO),
     Shape("tokens-odd", "T = 17, d past the CPU kernel's 8- and 32-wide panels",
           3, 17, 70, 45, 64, 2, 8, 4, 9, 6),
     Shape("tiles", "3 T-tiles of 64 and a tail, d in 32-steps with tails, 2 output tiles a side",
@@ -170,7 +180,7 @@ SHAPES = {s.name: s for s in [
           "outputs", 2, 600, 1500, 45, 64, 2, 8, 4, 33, 9,
           families=FACTORIZED, mask_bias=WITH_BIAS),
     Shape("long", "T = 1000 through a small layer",
-          2, 1000, 19, 13, 64, 2, 8, 4, 9, 6, mask_bias=TWO),
+          2, 1000, 19, 13, 64, 2, 8, 4, 9, 6),
     Shape("threads", "rows split evenly over CPU threads",
           16, None, 5003, 11, 32, 2, 8, 4, 1668, 5, families=FLAT),
     Shape("many-rows", "many rows, c = 5",
@@ -184,28 +194,28 @@ SHAPES = {s.name: s for s in [
     Shape("unit", "every size 1",
           1, None, 1, 1, 1, 1, 1, 1, 1, 1),
     Shape("vector-rows", "CUDA rows per block with a ragged last group, every load path",
-          5, None, 1003, 7, 64, 4, 8, 4, 334, 3, families=FLAT, layouts=ALL_LAYOUTS,
+          5, None, 1003, 7, 64, 4, 8, 4, 334, 3, families=FLAT, layouts=CUDA_LOADS,
           devices=CUDA_ONLY),
     Shape("many-chunks", "CUDA: many chunks per row, k = 512",
-          9, None, 70001, 7, 512, 2, 8, 4, 23334, 3, families=FLAT, devices=CUDA_ONLY),
+          9, None, 70001, 7, 512, 2, 8, 4, 23334, 3, families=FLAT, layouts=CUDA_LOADS,
+          devices=CUDA_ONLY),
     Shape("aligned-64000", "CUDA: 16-byte-aligned rows (vector loads), k = 1024",
-          7, None, 64000, 7, 1024, 2, 8, 4, 21333, 3, families=FLAT, devices=CUDA_ONLY),
+          7, None, 64000, 7, 1024, 2, 8, 4, 21333, 3, families=FLAT, layouts=CUDA_LOADS,
+          devices=CUDA_ONLY),
     Shape("c=k", "c = k = 96",
-          3, None, 4099, 7, 96, 96, 96, 96, 1366, 3, families=FLAT, devices=CUDA_ONLY),
+          3, None, 4099, 7, 96, 96, 96, 96, 1366, 3, families=FLAT, layouts=CUDA_LOADS,
+          devices=CUDA_ONLY),
     Shape("k-65536-flat", "CUDA: k too large for shared memory, global atomics",
-          2, None, 333, 7, 65536, 2, 8, 4, 111, 3, families=FLAT, devices=CUDA_ONLY),
+          2, None, 333, 7, 65536, 2, 8, 4, 111, 3, families=FLAT, layouts=CUDA_LOADS,
+          devices=CUDA_ONLY),
     Shape("bias-selected", "CUDA: many token splits, a ragged last one; bias column selected",
-          2, 1000, 40, 33, 256, 4, 16, 8, 41, 16, families=FACTORIZED, mask_bias=TWO,
-          devices=CUDA_ONLY),
+          2, 1000, 40, 33, 256, 4, 16, 8, 41, 16, families=FACTORIZED, devices=CUDA_ONLY),
     Shape("d_out=1-wide", "CUDA: several 128-tiles of inputs, one output; bias selected",
-          2, 77, 300, 1, 128, 2, 8, 2, 257, 1, families=FACTORIZED, mask_bias=TWO,
-          devices=CUDA_ONLY),
+          2, 77, 300, 1, 128, 2, 8, 2, 257, 1, families=FACTORIZED, devices=CUDA_ONLY),
     Shape("c=k-fact", "CUDA: c = k = 64, ragged 128-tiles on both sides",
-          1, 45, 200, 260, 64, 64, 64, 64, 150, 140, families=FACTORIZED, mask_bias=TWO,
-          devices=CUDA_ONLY),
+          1, 45, 200, 260, 64, 64, 64, 64, 150, 140, families=FACTORIZED, devices=CUDA_ONLY),
     Shape("k-65536-fact", "CUDA: k too large for shared memory",
-          2, 5, 30, 20, 65536, 1, 8, 4, 10, 10, families=FACTORIZED, mask_bias=TWO,
-          devices=CUDA_ONLY),
+          2, 5, 30, 20, 65536, 1, 8, 4, 10, 10, families=FACTORIZED, devices=CUDA_ONLY),
 ]}
 
 
@@ -231,7 +241,7 @@ def random_tensor(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0) -
 
 
 def token_mask(kind: str | None, b: int, t: int, device="cpu", seed=0) -> torch.Tensor | None:
-    """(b, t) token mask: None, "bool" (~70% kept) or "float" (kept tokens weighted in [0, 1));
+    """(b, t) token mask: None, "bool" (~70% kept) or "float" (kept tokens weighted in [0.5, 1));
     every example keeps its first token, so no reference norm is zero."""
     if kind is None:
         return None
@@ -273,7 +283,7 @@ def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return view
 
 
-# --- the maps, dense, in float64 ---------------------------------------------------------------
+# --- the maps: in float64, or dense at the inputs' precision ---------------------------------
 
 
 @functools.lru_cache(maxsize=16)
