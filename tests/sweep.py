@@ -142,9 +142,9 @@ CUDA_ONLY = ("cuda",)
 SHAPES = {s.name: s for s in [
     #     name  why  b  t  d_in  d_out  k  c  k_in  k_out  keep_in  keep_out
     Shape("one-row", "N = B = 1, 2-D inputs (T = 1), odd sizes inside one tile",
-          1, None, 37, 23, 8, 1, 7, 5, 9, 6, interpreter="all"),
+          1, None, 37, 23, 8, 1, 7, 5, 9, 6, interpreter="flat"),
     Shape("2d", "2-D inputs (T = 1), B = 5",
-          5, None, 37, 23, 64, 2, 8, 4, 9, 6, families=FACTORIZED, interpreter="all"),
+          5, None, 37, 23, 64, 2, 8, 4, 9, 6, families=FACTORIZED, interpreter="two"),
     Shape("odd", "odd D over many column tiles, c = 3",
           5, None, 1001, 45, 24, 3, 9, 6, 334, 7, interpreter="flat", mask_bias=TWO),
     Shape("c4", "c = 4, D past two 1024-wide tiles",
