@@ -540,18 +540,14 @@ def _runs(case: Case) -> bool:
     return True
 
 
-def cases(ops=None, shapes=None, devices=DEVICES, dtypes=DTYPES) -> list:
-    """pytest params of every case (of ``ops`` and ``shapes`` when given), skips marked."""
+def cases() -> list:
+    """pytest params of every case of the sweep, skips marked with their reason."""
     params = []
     for shape in SHAPES.values():
-        if shapes is not None and shape.name not in shapes:
-            continue
         for op in ops_of(shape):
-            if ops is not None and op not in ops:
-                continue
-            for device in devices:
+            for device in DEVICES:
                 for backend in backends(op, device):
-                    for dtype in dtypes:
+                    for dtype in DTYPES:
                         case = Case(op, device, backend, dtype, shape)
                         if not _runs(case):
                             continue
