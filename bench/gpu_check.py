@@ -60,7 +60,8 @@ TEST_RUNS = (
      None, True),
     # Not the lowering and export tests: they check on the CPU what CI already checks.
     (("tests/test_triton.py",), "not lower and not export", True),
-    (("tests/test_flat.py", "tests/test_factorized.py", "tests/test_dispatch.py"), "cuda", True),
+    (("tests/test_sweep.py", "tests/test_flat.py", "tests/test_factorized.py",
+      "tests/test_dispatch.py"), "cuda", True),
 )
 FAULT_ENV = "GRASS_GPU_CHECK_INJECT_FAULT"
 FAULT_OP = "fact_grass"

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 import grass_kernels as gk
+from conftest import rel_err
 from grass_kernels import reference
+from sweep import random_tensor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,16 +36,6 @@ TF32_BOUND = 3 * 2.0**-10
 def tolerance(terms: float) -> float:
     """Relative-error bound for fp32 sums of ``terms`` addends in two different orders."""
     return max(1e-5, 4 * UNIT_ROUNDOFF * math.sqrt(terms))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0, seed=0) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +100,7 @@ def fact_sjlt_case(acts, grads, k_in, k_out, *, c=1, bias=False, mask=None):
 @pytest.mark.parametrize("c", [1, 4])
 def test_sjlt_and_grass_four_rows_per_block_at_k_4096(c):
     """N >= 4 rows share a block: 4 * 4096 * 4 bytes = 64 KB of shared k-vectors."""
-    x = randn(8, 200_003, dtype=torch.bfloat16)
+    x = random_tensor((8, 200_003), torch.bfloat16, "cuda")
     check_sjlt(x, 4096, c)
     check_grass(x, 4096, 4 * 4096, c)
 
@@ -116,20 +108,20 @@ def test_sjlt_and_grass_four_rows_per_block_at_k_4096(c):
 @pytest.mark.parametrize("k", [16384, 32768, 58112])
 def test_sjlt_one_row_with_a_large_shared_k_vector(k):
     """N < 4: one row per block with k * 4 bytes of shared memory (64-227 KB)."""
-    check_sjlt(randn(3, 300_001, dtype=torch.float16), k, 2)
+    check_sjlt(random_tensor((3, 300_001), torch.float16, "cuda"), k, 2)
 
 
 @pytest.mark.parametrize("k", [16384, 32768])
 def test_fact_grass_large_shared_k_vector(k):
-    acts = randn(2, 64, 512, dtype=torch.bfloat16, seed=1)
-    grads = randn(2, 64, 384, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((2, 64, 512), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((2, 64, 384), torch.bfloat16, "cuda", seed=2)
     fact_grass_case(acts, grads, k, 256, 200, c=2)
 
 
 def test_fact_grass_k_beyond_shared_memory():
     """k * 4 bytes above the opt-in limit: the scatter goes to global memory."""
-    acts = randn(2, 40, 300, seed=1)
-    grads = randn(2, 40, 200, seed=2)
+    acts = random_tensor((2, 40, 300), torch.float32, "cuda", seed=1)
+    grads = random_tensor((2, 40, 200), torch.float32, "cuda", seed=2)
     fact_grass_case(acts, grads, 65536, 256, 160, c=2)
 
 
@@ -137,13 +129,13 @@ def test_fact_grass_k_beyond_shared_memory():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sjlt_vector_loads_at_d_1e7(dtype):
-    check_sjlt(randn(4, 10_000_000, dtype=dtype), 4096, 4)
+    check_sjlt(random_tensor((4, 10_000_000), dtype, "cuda"), 4096, 4)
 
 
 @pytest.mark.parametrize("d_in,d_out", [(4096, 14336), (14336, 4096)])
 def test_fact_sjlt_at_llama_widths(d_in, d_out):
-    acts = randn(2, 64, d_in, dtype=torch.bfloat16, seed=1)
-    grads = randn(2, 64, d_out, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((2, 64, d_in), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((2, 64, d_out), torch.bfloat16, "cuda", seed=2)
     fact_sjlt_case(acts, grads, 64, 64)
 
 
@@ -155,7 +147,7 @@ def test_sjlt_more_than_2_31_elements():
     generator of the public op would take minutes of the GPU run."""
     n, d, k = 3, 800_000_000, 4096
     need_memory(n * d * (2 + 4 + 4) + d * 4 + 2**30)  # x, the reference's fp32 copies, codes
-    x = randn(n, d, dtype=torch.bfloat16)
+    x = random_tensor((n, d), torch.bfloat16, "cuda")
     g = torch.Generator(device="cuda").manual_seed(11)
     buckets = torch.randint(0, k, (d, 1), generator=g, device="cuda", dtype=torch.int32)
     flip = torch.rand(d, 1, generator=g, device="cuda") < 0.5
@@ -168,16 +160,16 @@ def test_sjlt_more_than_2_31_elements():
 def test_fact_grass_more_than_2_31_input_elements():
     b, t, d_in, d_out = 4, 8192, 65_600, 64  # B * T * d_in = 2.15e9
     need_memory(b * t * d_in * (2 + 4) + 2**30)  # acts and the reference's fp32 copy
-    acts = randn(b, t, d_in, dtype=torch.bfloat16, seed=1)
-    grads = randn(b, t, d_out, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((b, t, d_in), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((b, t, d_out), torch.bfloat16, "cuda", seed=2)
     fact_grass_case(acts, grads, 4096, 128, 64)
 
 
 def test_fact_sjlt_more_than_2_31_input_elements():
     b, t, d_in, d_out = 4, 8192, 65_600, 64
     need_memory(b * t * d_in * (2 + 4 + 4) + 2**30)
-    acts = randn(b, t, d_in, dtype=torch.bfloat16, seed=1)
-    grads = randn(b, t, d_out, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((b, t, d_in), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((b, t, d_out), torch.bfloat16, "cuda", seed=2)
     fact_sjlt_case(acts, grads, 64, 64)
 
 
@@ -188,8 +180,8 @@ def test_fact_sjlt_more_than_2_31_input_elements():
 def test_mixed_dtypes_read_each_tensor_in_its_own_dtype(act_dtype, grad_scale):
     """16-bit acts with fp32 grads: gradients near 1e-8 vanish (fp16) or lose bits (bf16) if
     converted to the dtype of acts; the reference reads each in its own dtype."""
-    acts = randn(3, 50, 200, dtype=act_dtype, seed=1)
-    grads = randn(3, 50, 150, scale=grad_scale, seed=2)
+    acts = random_tensor((3, 50, 200), act_dtype, "cuda", seed=1)
+    grads = random_tensor((3, 50, 150), torch.float32, "cuda", seed=2, scale=grad_scale)
     fact_grass_case(acts, grads, 1024, 130, 140, bias=True)
     fact_sjlt_case(acts, grads, 64, 32, bias=True)
     # The other way round: fp32 acts (a non-contiguous slice) with 16-bit grads.
@@ -200,22 +192,22 @@ def test_mixed_dtypes_read_each_tensor_in_its_own_dtype(act_dtype, grad_scale):
 
 @pytest.mark.parametrize("k_side", [512, 640])
 def test_fact_sjlt_many_output_tiles(k_side):
-    acts = randn(2, 300, 1000, dtype=torch.bfloat16, seed=1)
-    grads = randn(2, 300, 900, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((2, 300, 1000), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((2, 300, 900), torch.bfloat16, "cuda", seed=2)
     fact_sjlt_case(acts, grads, k_side, k_side, c=2)
 
 
 def test_fact_grass_one_example_many_token_splits():
-    acts = randn(1, 20_000, 256, dtype=torch.bfloat16, seed=1)
-    grads = randn(1, 20_000, 300, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((1, 20_000, 256), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((1, 20_000, 300), torch.bfloat16, "cuda", seed=2)
     fact_grass_case(acts, grads, 4096, 128, 128)
 
 
 # ----------------------------------------------------------- strides, masks, bias
 
 def test_fact_grass_reads_strided_and_transposed_inputs():
-    base_acts = randn(40, 3, 2 * 300, dtype=torch.bfloat16, seed=1)  # (T, B, 2 d_in)
-    base_grads = randn(3, 250, 40, dtype=torch.float16, seed=2)  # (B, d_out, T)
+    base_acts = random_tensor((40, 3, 2 * 300), torch.bfloat16, "cuda", seed=1)  # (T, B, 2 d_in)
+    base_grads = random_tensor((3, 250, 40), torch.float16, "cuda", seed=2)  # (B, d_out, T)
     acts = base_acts.transpose(0, 1)[..., ::2]  # (B, T, d_in), every stride non-unit
     grads = base_grads.transpose(1, 2)  # (B, T, d_out), unit stride over tokens
     assert not acts.is_contiguous() and not grads.is_contiguous()
@@ -224,10 +216,10 @@ def test_fact_grass_reads_strided_and_transposed_inputs():
 
 
 def test_grass_and_sjlt_read_a_column_strided_x_in_place():
-    x = randn(5000, 64, dtype=torch.bfloat16).T  # (64, 5000), column stride 64
+    x = random_tensor((5000, 64), torch.bfloat16, "cuda").T  # (64, 5000), column stride 64
     check_grass(x, 1024, 700, 2)
     check_sjlt(x, 1024, 2)
-    check_sjlt(randn(6, 2 * 7001)[:, ::2], 512, 4)
+    check_sjlt(random_tensor((6, 2 * 7001), torch.float32, "cuda")[:, ::2], 512, 4)
 
 
 @pytest.mark.parametrize("ki", [129, 256, 257])
@@ -235,8 +227,8 @@ def test_fractional_mask_with_bias_column_at_a_ragged_tile_edge(ki):
     """The bias column is the last selected input: the first slot of a second 128-tile (129),
     the last slot of a full tile (256), or alone in a third tile (257)."""
     d_in = 300
-    acts = randn(3, 70, d_in, dtype=torch.bfloat16, seed=1)
-    grads = randn(3, 70, 200, dtype=torch.bfloat16, seed=2)
+    acts = random_tensor((3, 70, d_in), torch.bfloat16, "cuda", seed=1)
+    grads = random_tensor((3, 70, 200), torch.bfloat16, "cuda", seed=2)
     g = torch.Generator(device="cuda").manual_seed(7)
     mask = torch.rand(3, 70, generator=g, device="cuda")
     mask[:, -10:] = 0.0

@@ -2,181 +2,36 @@
 
     factorized(X, Delta) == flat map applied to vec(G_i),  G_i = sum_t delta_t x_t^T
 
-with G_i materialised by ``grass_kernels.linear_grads`` (and, in ``test_real_two_layer_net``, by
-torch.func per-example gradients of a real network), on every kernel backend.
+checked on every backend, shape and dtype by the sweep (test_sweep.py; ``sweep.contract`` is
+its oracle). Here: what the sweep does not vary (masked tokens holding NaN, strided inputs,
+out_dtype, the materialise path and its choice, seeds, more than 2**31 elements), the oracle's
+G_i against torch.func per-example gradients of a real network, and bad input.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import (DEVICES, DTYPES, RTOL, UNIT_ROUNDOFF, backends_for, rel_err,
-                      require_free_memory, rtol)
+from conftest import rel_err, require_free_memory
+from sweep import FP32_RTOL, UNIT_ROUNDOFF, contract, layer_inputs, per_example_gradient
 
 import grass_kernels as gk
-from grass_kernels import _tables, reference
+from grass_kernels import _tables
 from grass_kernels.factorized import _materialized_path
 
-BACKENDS = backends_for("cpu")
-
-# (B, T, d_in, d_out): T = None means 2-D inputs (B, d), i.e. T = 1. Sizes avoid multiples of
-# any block size; "long" runs only on the native CPU kernel (the Triton interpreter is slow).
-SHAPES = {
-    "2d": (5, None, 37, 23),
-    "odd": (3, 17, 70, 45),
-    "d_out=1": (4, 9, 33, 1),
-    "long": (2, 1000, 19, 13),
-}
-TRITON_SHAPES = ("2d", "d_out=1")
-MASKS = (None, "bool", "float")
-
-
-def _inputs(shape, dtype, mask_kind, seed=0):
-    b, t, d_in, d_out = shape
-    g = torch.Generator().manual_seed(seed)
-    dims = (b,) if t is None else (b, t)
-    acts = torch.randn(*dims, d_in, generator=g).to(dtype)
-    grads = torch.randn(*dims, d_out, generator=g).to(dtype)
-    tokens = 1 if t is None else t
-    if mask_kind is None:
-        return acts, grads, None
-    keep = torch.rand(b, tokens, generator=g) > 0.3
-    keep[:, 0] = True  # every example keeps a token: the reference norm is never zero
-    if mask_kind == "bool":
-        return acts, grads, keep
-    return acts, grads, keep * torch.rand(b, tokens, generator=g)
-
-
-def _gradient(acts, grads, mask, bias):
-    """The materialised per-example gradients (B, d_out, d_in') of the reference, on the CPU."""
-    acts, grads = acts.cpu(), grads.cpu()
-    mask = None if mask is None else mask.cpu()
-    if acts.dim() == 2:
-        acts, grads = acts.unsqueeze(1), grads.unsqueeze(1)
-    m = None if mask is None else mask.float()
-    return gk.linear_grads(acts, grads, token_mask=m, bias=bias)
-
-
-def _dense_sjlt(d, k, c, seed):
-    """The SJLT as a dense (k, d) matrix, by pushing the identity through the reference."""
-    return reference.sjlt(torch.eye(d), gk.sjlt_codes(d, k, c=c, seed=seed), k).T
-
-
-def _kron(a, b):
-    """The Kronecker product (torch.kron rejects some size-1 strides)."""
-    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], -1)
-
-
-def _flat(matrix, gradient):
-    """The flat map applied to vec(G_i): (B, d_out, d_in') -> (B, rows of matrix)."""
-    return gradient.flatten(1) @ matrix.T
-
-
-# Each contract: (call the op, expected output from the materialised gradient G).
-def _logra(acts, grads, mask, bias, backend, k=(5, 7), **kw):
-    d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    p_in = gk.gaussian_matrix(d_in, k[1], seed=11, device=acts.device)
-    p_out = gk.gaussian_matrix(d_out, k[0], seed=12, device=acts.device)
-    out = gk.logra(
-        acts, grads, p_in=p_in, p_out=p_out, bias=bias, token_mask=mask, backend=backend, **kw
-    )
-    return out, _flat(_kron(p_out.cpu(), p_in.cpu()), _gradient(acts, grads, mask, bias))
-
-
-def _fact_grass(acts, grads, mask, bias, backend, full_in=False, k=64, c=2, n=(6, 9), **kw):
-    d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    in_idx = torch.arange(d_in) if full_in else gk.random_indices(d_in, min(d_in, n[1]), seed=3)
-    out_idx = gk.random_indices(d_out, min(d_out, n[0]), seed=4)
-    out = gk.fact_grass(
-        acts, grads, k=k, in_indices=in_idx.to(acts.device), out_indices=out_idx.to(acts.device),
-        c=c, seed=5, bias=bias, token_mask=mask, backend=backend, **kw,
-    )
-    reduced = _gradient(acts, grads, mask, bias)[:, out_idx][:, :, in_idx].flatten(1)
-    scale = math.sqrt(d_out * d_in / reduced.shape[1])
-    expected = gk.sjlt(reduced * scale, k, c=c, seed=5, backend="reference")
-    return out, expected
-
-
-def _fact_sjlt(acts, grads, mask, bias, backend, k=(4, 8), c=2, **kw):
-    d_in, d_out = acts.shape[-1] + bias, grads.shape[-1]
-    out = gk.fact_sjlt(
-        acts, grads, k_in=k[1], k_out=k[0], c=c, seed_in=6, seed_out=7, bias=bias,
-        token_mask=mask, backend=backend, **kw,
-    )
-    kron = _kron(_dense_sjlt(d_out, k[0], c, 7), _dense_sjlt(d_in, k[1], c, 6))
-    return out, _flat(kron, _gradient(acts, grads, mask, bias))
-
-
-OPS = {"logra": _logra, "fact_grass": _fact_grass, "fact_sjlt": _fact_sjlt}
-
-
-def _cases():
-    for device in DEVICES:
-        for op in OPS:
-            for backend in backends_for(device, op):
-                for name, shape in SHAPES.items():
-                    if backend == "triton" and name not in TRITON_SHAPES:
-                        continue
-                    yield pytest.param(device, backend, name, op,
-                                       id=f"{device}-{backend}-{name}-{op}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("device,backend,shape,op", list(_cases()))
-def test_contract(device, backend, shape, op, dtype):
-    for mask_kind in MASKS:
-        for bias in (False, True):
-            acts, grads, mask = _inputs(SHAPES[shape], dtype, mask_kind)
-            acts, grads = acts.to(device), grads.to(device)
-            mask = None if mask is None else mask.to(device)
-            out, expected = OPS[op](acts, grads, mask, bias, backend)
-            assert out.dtype == torch.float32 and out.shape == expected.shape
-            err = rel_err(out, expected)
-            assert err < rtol(op, dtype, device, backend), (mask_kind, bias, err)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bias", [False, True])
-def test_fact_grass_all_input_columns(backend, bias):
-    """k_i' = d_in' (every input column kept, the bias column included)."""
-    acts, grads, mask = _inputs((3, 5, 11, 7), torch.float32, "bool")
-    out, expected = _fact_grass(acts, grads, mask, bias, backend, full_in=True)
-    assert rel_err(out, expected) < RTOL[torch.float32]
-
-
-# (B, T, d_in, d_out, k_o', k_i'): the CPU kernel packs the masked columns into panels of
-# 8 (outputs) and 32 (inputs) for its outer-product kernel and gathers a row's columns row by
-# row where they are dense in it, column by column down a tile of tokens where they are sparse
-# (under half of the row's cache lines). These sizes span several panels with a partial last
-# one, both gather orders on either side, and T past one tile (512 tokens).
-PANEL_SHAPES = {
-    "dense": (3, 37, 70, 45, 19, 41),
-    "sparse": (2, 29, 1500, 1100, 21, 71),
-    "mixed": (2, 600, 1500, 45, 9, 33),
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(PANEL_SHAPES))
-def test_fact_grass_panels_and_gather_orders(shape, dtype):
-    b, t, d_in, d_out, n_out, n_in = PANEL_SHAPES[shape]
-    for mask_kind in MASKS:
-        acts, grads, mask = _inputs((b, t, d_in, d_out), dtype, mask_kind)
-        out, expected = _fact_grass(acts, grads, mask, True, "cpu", n=(n_out, n_in))
-        assert rel_err(out, expected) < RTOL[dtype], mask_kind
+OPS = ("logra", "fact_grass", "fact_sjlt")
 
 
 def test_fact_grass_masked_tokens_never_read():
     """Masked tokens may hold non-finite values (padding): they must not reach the output,
     in either gather order."""
-    for d_in in (40, 3000):
-        acts, grads, mask = _inputs((2, 9, d_in, 20), torch.float32, "bool")
+    for shape in ("panels-dense", "panels-sparse"):
+        acts, grads, mask = layer_inputs(2, 9, 1500 if shape == "panels-sparse" else 70, 20,
+                                         mask="bool")
         dirty = acts.clone()
         dirty[~mask] = float("nan")
-        clean, _ = _fact_grass(acts, grads, mask, True, "cpu", n=(6, 20))
-        out, _ = _fact_grass(dirty, grads, mask, True, "cpu", n=(6, 20))
+        clean, _ = contract("fact_grass", shape, acts, grads, mask, True)
+        out, _ = contract("fact_grass", shape, dirty, grads, mask, True)
         assert torch.isfinite(out).all() and torch.equal(out, clean)
 
 
@@ -184,29 +39,29 @@ def test_strided_inputs():
     """Non-contiguous acts and grads (stride 2 inner dim, transposed) on the CPU kernel."""
     acts = torch.randn(3, 10, 2 * 23)[:, :, ::2]
     grads = torch.randn(3, 19, 10).transpose(1, 2)
-    for op in OPS.values():
-        out, expected = op(acts, grads, None, True, "cpu")
-        assert rel_err(out, expected) < RTOL[torch.float32]
+    for op in OPS:
+        out, expected = contract(op, "tokens-odd", acts, grads, None, True)
+        assert rel_err(out, expected) < FP32_RTOL
 
 
 def test_out_dtype():
-    acts, grads, _ = _inputs(SHAPES["odd"], torch.float32, None)
-    out, expected = _fact_grass(acts, grads, None, False, "cpu", out_dtype=torch.bfloat16)
+    acts, grads, _ = layer_inputs(3, 17, 70, 45)
+    out, expected = contract("fact_grass", "tokens-odd", acts, grads, out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     # Each output is rounded once to bf16: relative error at most its unit roundoff.
     assert rel_err(out, expected) < UNIT_ROUNDOFF[torch.bfloat16]
-    assert rel_err(out, expected) > RTOL[torch.float32]  # and it was rounded
+    assert rel_err(out, expected) > FP32_RTOL  # and it was rounded
 
 
 @pytest.mark.parametrize("op", ["logra", "fact_grass", "fact_sjlt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_paths_agree(op, dtype):
     """The fused path and the materialise-then-compress path give the same output."""
-    acts, grads, mask = _inputs((7, 13, 21, 10), dtype, "float")
-    fused, expected = OPS[op](acts, grads, mask, True, "cpu", path="factorized")
-    materialized, _ = OPS[op](acts, grads, mask, True, "cpu", path="materialize")
+    acts, grads, mask = layer_inputs(7, 13, 21, 10, dtype, mask="float")
+    fused, expected = contract(op, "tokens-odd", acts, grads, mask, True, path="factorized")
+    materialized, _ = contract(op, "tokens-odd", acts, grads, mask, True, path="materialize")
     assert rel_err(materialized, fused) < 1e-5
-    assert rel_err(materialized, expected) < RTOL[dtype]
+    assert rel_err(materialized, expected) < FP32_RTOL
 
 
 def test_path_rule():
@@ -230,18 +85,19 @@ def test_path_materialize_chunks(monkeypatch):
     """The materialised path forms G_i for bounded blocks of examples, and blocks agree."""
     import grass_kernels.factorized as fz
 
-    acts, grads, mask = _inputs((5, 4, 6, 3), torch.float32, "bool")
-    whole, _ = _fact_sjlt(acts, grads, mask, True, "cpu", path="materialize")
+    acts, grads, mask = layer_inputs(5, 4, 6, 3, mask="bool")
+    whole, _ = contract("fact_sjlt", "tokens-odd", acts, grads, mask, True, path="materialize")
     monkeypatch.setattr(fz, "BLOCK_FLOATS", 1)  # one example per block
-    chunked, expected = _fact_sjlt(acts, grads, mask, True, "cpu", path="materialize")
+    chunked, expected = contract("fact_sjlt", "tokens-odd", acts, grads, mask, True,
+                                 path="materialize")
     assert torch.equal(whole, chunked)
-    assert rel_err(chunked, expected) < RTOL[torch.float32]
+    assert rel_err(chunked, expected) < FP32_RTOL
 
 
 def test_deterministic_and_seeded():
     """Same inputs and seed: bit-identical output (also when one example is split over
     threads); another seed: a different map."""
-    acts, grads, mask = _inputs((1, 301, 40, 30), torch.float32, "bool")
+    acts, grads, mask = layer_inputs(1, 301, 40, 30, mask="bool")
     run = lambda seed: gk.fact_sjlt(acts, grads, k_in=8, k_out=8, seed_in=seed, token_mask=mask)
     assert torch.equal(run(0), run(0))
     assert rel_err(run(1), run(0)) > 0.1
@@ -294,7 +150,7 @@ def test_more_than_2_31_elements():
     }
     for name, call in calls.items():
         out = call(acts, grads, "cpu")[rows]
-        assert rel_err(out, call(acts[rows], grads[rows], "reference")) < RTOL[torch.bfloat16], name
+        assert rel_err(out, call(acts[rows], grads[rows], "reference")) < FP32_RTOL, name
 
 
 def test_real_two_layer_net():
@@ -329,16 +185,18 @@ def test_real_two_layer_net():
     for name, (acts, grads) in layers.items():
         weight, bias = per_example[f"{name}.weight"], per_example[f"{name}.bias"]
         gradient = torch.cat([weight, bias.unsqueeze(-1)], dim=-1)  # (B, d_out, d_in + 1)
-        # The contracts' oracle (linear_grads of the masked tokens) is torch.func's gradient ...
-        assert rel_err(_gradient(acts, grads, keep, True), gradient) < 1e-5
+        # The sweep's oracle G_i (and linear_grads) of the masked tokens is torch.func's
+        # gradient ...
+        assert rel_err(per_example_gradient(acts, grads, keep, True), gradient) < 1e-5
+        assert rel_err(gk.linear_grads(acts, grads, bias=True, token_mask=keep), gradient) < 1e-5
         # ... so each op, checked against that oracle, matches the real per-example gradient.
-        for op in OPS.values():
-            got, expected = op(acts, grads, keep, True, "cpu")
-            assert rel_err(got, expected) < RTOL[torch.float32]
+        for op in OPS:
+            got, expected = contract(op, "tokens-odd", acts, grads, keep, True)
+            assert rel_err(got, expected) < FP32_RTOL
         p_in = gk.gaussian_matrix(acts.shape[-1] + 1, 7, seed=11)
         p_out = gk.gaussian_matrix(grads.shape[-1], 5, seed=12)
         got = gk.logra(acts, grads, p_in=p_in, p_out=p_out, bias=True, token_mask=keep)
-        assert rel_err(got, _flat(_kron(p_out, p_in), gradient)) < RTOL[torch.float32]
+        assert rel_err(got, (p_out @ gradient @ p_in.T).flatten(1)) < FP32_RTOL
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -1,8 +1,10 @@
 """Flat compressors: sjlt, sjlt_transpose, random_indices, mask, grass, gaussian.
 
-Every kernel backend is compared with the pure-torch reference (the spec) on random inputs of
-odd sizes; the statistical tests check the maps themselves (unbiased, JL distortion) over many
-fixed seeds; the bad-input tests check that each wrong argument raises a named error.
+Every backend's values on every shape, dtype and memory layout are checked by the sweep
+(test_sweep.py). Here: properties of the maps (adjoint, c distinct buckets, unbiased, JL
+distortion) on every backend and over many fixed seeds, grass against sjlt of the mask, the
+Gaussian paths, more than 2**31 elements, and bad input: each wrong argument raises a named
+error.
 """
 
 from __future__ import annotations
@@ -11,144 +13,18 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, RTOL, backends_for, rel_err, require_free_memory
+from conftest import DEVICES, DTYPES, backends_for, rel_err, require_free_memory
+from sweep import FP32_RTOL, random_tensor
 
 import grass_kernels as gk
-from grass_kernels import _backend, _tables, reference
+from grass_kernels import _tables, reference
 
 BACKEND_CASES = [(device, backend) for device in DEVICES for backend in backends_for(device)]
 ALL_BACKENDS = BACKEND_CASES + [(device, "reference") for device in DEVICES]
 
-# (N, D, k, c): odd sizes, N = 1, c > 1; small enough for the Triton interpreter.
-SHAPES = [(1, 37, 8, 1), (5, 1001, 24, 3), (3, 2053, 64, 4)]
-# The CPU kernel's other paths: rows split evenly over threads, many rows, a D split with
-# per-thread partial sums (few rows), a table too large for one tile, k = c = 1.
-CPU_SHAPES = [(16, 5003, 32, 2), (37, 2001, 40, 5), (3, 70001, 128, 1), (2, 90001, 96, 4),
-              (7, 333, 1, 1)]
-
-
-def _cases(backend: str) -> list[tuple[int, int, int, int]]:
-    return SHAPES + (CPU_SHAPES if backend == "cpu" else [])
-
-
-def _random(shape, dtype, device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype).to(device)
-
 
 def _indices(d: int, seed: int) -> torch.Tensor:
     return gk.random_indices(d, max(1, d // 3 + 1), seed=seed)
-
-
-# --- every backend equals the reference ------------------------------------------------------
-
-
-def _run_op(op: str, shape: tuple, dtype, device, backend: str) -> torch.Tensor:
-    """One flat kernel op on fixed random inputs for shape (N, D, k, c)."""
-    n, d, k, c = shape
-    if op == "sjlt":
-        return gk.sjlt(_random((n, d), dtype, device, seed=d), k, c=c, seed=7, backend=backend)
-    if op == "sjlt_transpose":
-        y = _random((n, k), dtype, device, seed=k)
-        return gk.sjlt_transpose(y, d, c=c, seed=3, backend=backend)
-    x = _random((n, d), dtype, device, seed=n + d)
-    idx = _indices(d, seed=d).to(device)
-    return gk.grass(x, k, indices=idx, c=c, seed=5, backend=backend)
-
-
-def _reference_error(op: str, shape: tuple, dtype, device, backend: str) -> float:
-    """Relative error of ``backend`` against the reference on one shape (dtype, shape checked)."""
-    out = _run_op(op, shape, dtype, device, backend)
-    ref = _run_op(op, shape, dtype, device, "reference")
-    n, d, k, _ = shape
-    assert out.dtype == torch.float32
-    assert out.shape == (n, d if op == "sjlt_transpose" else k)
-    return rel_err(out, ref)
-
-
-@pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
-def test_matches_reference(op, device, backend, dtype):
-    for shape in _cases(backend):
-        assert _reference_error(op, shape, dtype, device, backend) < RTOL[dtype], shape
-
-
-def _faulty(fault: str):
-    """A wrapper for ``_backend.implementation`` whose "cpu" ops make one small mistake.
-
-    zero_column: one whole output column is zero. drop_input: one input coordinate is never
-    read (as if one thread's share of D lost its first column), a 1 / sqrt(D) relative error.
-    """
-    real = _backend.implementation
-
-    def implementation(op, backend):
-        fn = real(op, backend)
-        if backend != "cpu":
-            return fn
-
-        def wrong(*args):
-            if fault == "drop_input" and op != "sjlt_transpose":
-                x = args[0].clone()
-                x[:, args[1][0] if op == "grass" else 0] = 0  # grass: args[1] = indices
-                return fn(x, *args[1:])
-            out = fn(*args)
-            out[:, out.shape[1] // 2] = 0
-            return out
-
-        return wrong
-
-    return implementation
-
-
-# The large-D shapes: a D split over threads with partial sums, a table over several tiles.
-LARGE_D = [(3, 70001, 128, 1), (2, 90001, 96, 4)]
-
-
-@pytest.mark.parametrize("fault", ["zero_column", "drop_input"])
-@pytest.mark.parametrize("op", ["sjlt", "sjlt_transpose", "grass"])
-def test_faulty_kernel_fails_the_check(monkeypatch, op, fault):
-    """The check of test_matches_reference rejects a kernel with one column missing at the
-    large-D shapes, for 16-bit inputs too (its bound is the fp32 one, see conftest)."""
-    monkeypatch.setattr(_backend, "implementation", _faulty(fault))
-    for shape in LARGE_D:
-        assert _reference_error(op, shape, torch.bfloat16, "cpu", "cpu") > RTOL[torch.bfloat16]
-
-
-def _non_contiguous(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Views of the same values with unusual strides (x is (N, D))."""
-    wide = torch.zeros(x.shape[0], 2 * x.shape[1] + 3, dtype=x.dtype, device=x.device)
-    wide[:, 1 : 2 * x.shape[1] + 1 : 2] = x
-    tall = torch.zeros(2 * x.shape[0], x.shape[1] + 5, dtype=x.dtype, device=x.device)
-    tall[::2, : x.shape[1]] = x
-    return {
-        "transposed": x.T.contiguous().T,  # column-major: inner stride N
-        "column_step": wide[:, 1 : 2 * x.shape[1] + 1 : 2],  # inner stride 2
-        "row_step": tall[::2, : x.shape[1]],  # row stride 2 * (D + 5)
-    }
-
-
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_non_contiguous_inputs(device, backend, dtype):
-    n, d, k, c = 6, 517, 32, 2
-    x = _random((n, d), dtype, device, seed=11)
-    y = _random((n, k), dtype, device, seed=12)
-    idx = _indices(d, seed=1).to(device)
-    ref_sjlt = reference.sjlt(x, gk.sjlt_codes(d, k, c=c, seed=0, device=device), k)
-    ref_grass = reference.grass(
-        x, idx, gk.sjlt_codes(idx.numel(), k, c=c, seed=0, device=device), k,
-        math.sqrt(d / idx.numel())
-    )
-    ref_t = reference.sjlt_transpose(y, gk.sjlt_codes(d, k, c=c, seed=0, device=device))
-    for name, view in _non_contiguous(x).items():
-        assert not view.is_contiguous() and torch.equal(view, x)
-        assert rel_err(gk.sjlt(view, k, c=c, backend=backend), ref_sjlt) < RTOL[dtype], name
-        out = gk.grass(view, k, indices=idx, c=c, backend=backend)
-        assert rel_err(out, ref_grass) < RTOL[dtype], name
-    for name, view in _non_contiguous(y).items():
-        out = gk.sjlt_transpose(view, d, c=c, backend=backend)
-        assert rel_err(out, ref_t) < RTOL[dtype], name
 
 
 # --- properties of the map --------------------------------------------------------------------
@@ -158,8 +34,8 @@ def test_non_contiguous_inputs(device, backend, dtype):
 @pytest.mark.parametrize("c", [1, 3])
 def test_adjoint(device, backend, c):
     n, d, k = 4, 777, 48
-    x = _random((n, d), torch.float32, device, seed=1)
-    y = _random((n, k), torch.float32, device, seed=2)
+    x = random_tensor((n, d), torch.float32, device, seed=1)
+    y = random_tensor((n, k), torch.float32, device, seed=2)
     lhs = (gk.sjlt(x, k, c=c, seed=9, backend=backend).double() * y.double()).sum()
     rhs = (x.double() * gk.sjlt_transpose(y, d, c=c, seed=9, backend=backend).double()).sum()
     assert abs(float(lhs - rhs)) < 1e-5 * float(x.norm() * y.norm())
@@ -224,7 +100,7 @@ def test_jl_distortion(c):
 
 
 def test_seed_determinism():
-    x = _random((3, 501), torch.float32, "cpu", seed=0)
+    x = random_tensor((3, 501), torch.float32, "cpu", seed=0)
     for op in (
         lambda s: gk.sjlt(x, 32, c=2, seed=s),
         lambda s: gk.sjlt_transpose(x[:, :32], 501, c=2, seed=s),
@@ -244,17 +120,15 @@ def test_seed_determinism():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grass_equals_sjlt_of_mask(device, backend, dtype):
     n, d, k, c = 4, 1203, 40, 2
-    x = _random((n, d), dtype, device, seed=3)
+    x = random_tensor((n, d), dtype, device, seed=3)
     idx = _indices(d, seed=2).to(device)
     fused = gk.grass(x, k, indices=idx, c=c, seed=6, backend=backend)
-    # mask returns x's dtype: the rescaled 16-bit values would round again, which the fused
-    # op (fp32 after the load) does not do. Compared on the same rounded inputs instead.
-    unfused = gk.sjlt(gk.mask(x.float(), idx), k, c=c, seed=6, backend=backend)
-    assert rel_err(fused, unfused) < RTOL[dtype]
+    unfused = gk.sjlt(gk.mask(x, idx), k, c=c, seed=6, backend=backend)
+    assert rel_err(fused, unfused) < FP32_RTOL
 
 
 def test_mask_values():
-    x = _random((3, 50), torch.float32, "cpu", seed=0)
+    x = random_tensor((3, 50), torch.float32, "cpu", seed=0)
     idx = torch.tensor([0, 7, 49, 20])
     assert torch.equal(gk.mask(x, idx), x[:, idx] * math.sqrt(50 / 4))
     half = x.bfloat16()
@@ -276,11 +150,11 @@ def test_random_indices_uniform():
 
 
 def test_gaussian_matches_materialised_matrix():
-    x = _random((5, 301), torch.bfloat16, "cpu", seed=1)
+    x = random_tensor((5, 301), torch.bfloat16, "cpu", seed=1)
     out = gk.gaussian(x, 24, seed=2)
     assert out.dtype == torch.float32 and out.shape == (5, 24)
     ref = x.float() @ gk.gaussian_matrix(301, 24, seed=2).T
-    assert rel_err(out, ref) < RTOL[torch.float32]
+    assert rel_err(out, ref) < FP32_RTOL
 
 
 def test_gaussian_streamed_path(monkeypatch):
@@ -289,7 +163,7 @@ def test_gaussian_streamed_path(monkeypatch):
     import grass_kernels.flat as flat
 
     d, k, seed = 2 * _tables.GAUSSIAN_CHUNK + 1001, 8, 4  # two whole chunks and a tail
-    x = _random((3, d), torch.bfloat16, "cpu", seed=5)
+    x = random_tensor((3, d), torch.bfloat16, "cpu", seed=5)
     cached = gk.gaussian(x, k, seed=seed)
     monkeypatch.setattr(flat, "_GAUSSIAN_CACHE_BYTES", 1)  # nothing fits: stream
     monkeypatch.setattr(_tables, "gaussian_matrix", None)  # the cached matrix is never asked for
@@ -298,8 +172,8 @@ def test_gaussian_streamed_path(monkeypatch):
               for lo in range(0, d, _tables.GAUSSIAN_CHUNK)]
     assert [c.shape[1] for c in chunks] == [_tables.GAUSSIAN_CHUNK] * 2 + [1001]
     expected = x.double() @ torch.cat(chunks, dim=1).double().T
-    assert rel_err(streamed, expected) < RTOL[torch.float32]
-    assert rel_err(streamed, cached) < RTOL[torch.float32]
+    assert rel_err(streamed, expected) < FP32_RTOL
+    assert rel_err(streamed, cached) < FP32_RTOL
 
 
 def test_gaussian_unbiased():
@@ -315,7 +189,7 @@ def test_tables_identical_across_devices():
     assert torch.equal(idx.cpu(), gk.random_indices(1000, 77, seed=5))
     matrix = gk.gaussian_matrix(300, 16, seed=1, device="cuda")
     assert torch.equal(matrix.cpu(), gk.gaussian_matrix(300, 16, seed=1))
-    x = _random((3, 1001), torch.float32, "cpu", seed=0)
+    x = random_tensor((3, 1001), torch.float32, "cpu", seed=0)
     assert rel_err(gk.sjlt(x.cuda(), 64, c=4, seed=3), gk.sjlt(x, 64, c=4, seed=3)) < 1e-5
 
 
@@ -328,18 +202,18 @@ def test_more_than_2_31_elements():
     d, k, c = 1031, 16, 2
     n = 2**31 // d + 3
     x = torch.empty(n, d, dtype=torch.bfloat16)
-    block = _random((4096, d), torch.bfloat16, "cpu", seed=0)
+    block = random_tensor((4096, d), torch.bfloat16, "cpu", seed=0)
     for lo in range(0, n, 4096):
         x[lo : lo + 4096] = block[: n - lo]
     rows = torch.tensor([2**31 // d - 1, 2**31 // d, n - 2, n - 1])  # around and past 2**31
-    x[rows] = _random((len(rows), d), torch.bfloat16, "cpu", seed=1)
+    x[rows] = random_tensor((len(rows), d), torch.bfloat16, "cpu", seed=1)
     codes = gk.sjlt_codes(d, k, c=c, seed=0)
     out = gk.sjlt(x, k, c=c, backend="cpu")
-    assert rel_err(out[rows], reference.sjlt(x[rows], codes, k)) < RTOL[torch.bfloat16]
+    assert rel_err(out[rows], reference.sjlt(x[rows], codes, k)) < FP32_RTOL
     idx = torch.tensor([0, 5, 400, d - 1])
     out = gk.grass(x, k, indices=idx, c=c, backend="cpu")
     ref = reference.grass(x[rows], idx, gk.sjlt_codes(4, k, c=c, seed=0), k, math.sqrt(d / 4))
-    assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
+    assert rel_err(out[rows], ref) < FP32_RTOL
 
 
 @pytest.mark.slow
@@ -350,16 +224,16 @@ def test_transpose_more_than_2_31_elements():
     d, k, c = 9, 1024, 2  # few (coordinate, copy) pairs: the kernel reads 18 entries a row
     n = 2**31 // k + 3
     y = torch.empty(n, k, dtype=torch.bfloat16)
-    block = _random((4096, k), torch.bfloat16, "cpu", seed=0)
+    block = random_tensor((4096, k), torch.bfloat16, "cpu", seed=0)
     whole = n - n % 4096
     y[:whole].view(-1, 4096, k).copy_(block.expand(whole // 4096, 4096, k))
     y[whole:] = block[: n - whole]
     rows = torch.tensor([2**31 // k - 1, 2**31 // k, n - 2, n - 1])
-    y[rows] = _random((len(rows), k), torch.bfloat16, "cpu", seed=1)
+    y[rows] = random_tensor((len(rows), k), torch.bfloat16, "cpu", seed=1)
     out = gk.sjlt_transpose(y, d, c=c, backend="cpu")
     ref = reference.sjlt_transpose(y[rows], gk.sjlt_codes(d, k, c=c, seed=0))
     del y
-    assert rel_err(out[rows], ref) < RTOL[torch.bfloat16]
+    assert rel_err(out[rows], ref) < FP32_RTOL
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """Triton-specific tests for ``torch.ops.grass_triton`` (grass_kernels/triton).
 
-The shared contracts (every backend against the reference, through the public API) live in
-test_flat.py and test_factorized.py. Here: the kernels' own edge cases (several tiles along
-every axis with masked tails, c > 1, T = 1, bias with a token mask, tokens split across
-programs, strided inputs), argument checks at the op boundary, tracing, and lowering for the
-H200 (sm_90) without a GPU.
+Every op's values through the public API, on every shape and dtype the interpreter can afford
+(and every shape on a GPU), are checked by the sweep (test_sweep.py). Here: tokens split
+across programs (which the launcher chooses only on a GPU), strided inputs read in place,
+argument checks at the op boundary, tracing, and lowering for the H200 (sm_90) without a GPU.
 
 On the CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1);
 on a CUDA machine without the interpreter they run compiled.
@@ -13,7 +12,6 @@ on a CUDA machine without the interpreter they run compiled.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -21,13 +19,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import sweep
 import torch
+import triton
+from conftest import DTYPES, rel_err
+from sweep import FP32_RTOL, random_tensor
 
-from conftest import DTYPES, RTOL, rel_err, rtol
 import grass_kernels as gk
 from grass_kernels import _backend, reference
 from grass_kernels import triton as grass_triton
-from grass_kernels.triton import fact_grass, fact_sjlt, logra
+from grass_kernels.triton import _launch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERPRETING else []) + (["cuda"] if torch.cuda.is_available() else [])
@@ -40,59 +41,49 @@ def device(request):
     return request.param
 
 
-def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, op: str = "sjlt") -> None:
-    """out equals ref within the tolerance rule of conftest for ``op`` on ``dtype`` inputs."""
+def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """out equals the reference's fp32 result on the same inputs (fp32 inputs: every kernel
+    multiplies and adds in fp32)."""
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert ref.abs().sum() > 0  # never compare zeros
-    assert rel_err(out, ref) < rtol(op, dtype, out.device, "triton")
-
-
-# Flat ops. (N, D): one row (a 1-row tile, 4096 columns per program) and 70 rows (two row
-# blocks of 64, columns in blocks of 64 with a tail); k = 24 is below one tile of buckets.
-FLAT_SHAPES = [(1, 5003), (70, 150)]
+    assert rel_err(out, ref) < FP32_RTOL
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FLAT_SHAPES, ids=str)
-@pytest.mark.parametrize("c", [1, 4])
-def test_flat_ops_match_reference(device, dtype, shape, c):
-    n, d = shape
-    k = 24
-    x = _randn(n, d, dtype=dtype, device=device)
-    y = _randn(n, k, dtype=dtype, device=device, seed=1)
-    codes = gk.sjlt_codes(d, k, c=c, seed=3, device=device)
-    _check(OPS.sjlt(x, codes, k), reference.sjlt(x, codes, k), dtype)
-    _check(OPS.sjlt_transpose(y, codes), reference.sjlt_transpose(y, codes), dtype)
-    idx = gk.random_indices(d, d // 3, seed=2, device=device)
-    codes_idx = gk.sjlt_codes(idx.numel(), k, c=c, seed=4, device=device)
-    _check(OPS.grass(x, idx, codes_idx, k, 1.75), reference.grass(x, idx, codes_idx, k, 1.75),
-           dtype)
+@pytest.mark.parametrize("op", ["logra", "fact_grass", "fact_sjlt"])
+def test_tokens_split_across_programs(device, monkeypatch, op, dtype):
+    """Three programs share each example's tokens (partial tiles flushed with atomics): the
+    sweep's "tiles" case with the launcher's split forced, checked as the sweep checks."""
+    calls = []
+
+    def three_splits(dev, programs_per_split, t):
+        calls.append(t)
+        return min(3, triton.cdiv(t, _launch.BLOCK_T))
+
+    monkeypatch.setattr(_launch, "token_splits", three_splits)
+    case = sweep.Case(op, device, "triton", dtype, sweep.SHAPES["tiles"])
+    sweep.check(case)
+    assert calls and all(triton.cdiv(t, _launch.BLOCK_T) >= 3 for t in calls)
 
 
 def test_flat_ops_strided_inputs(device):
     """Transposed and column-strided views are read through their strides, not copied."""
-    base = _randn(300, 9, device=device)
+    base = random_tensor((300, 9), device=device)
     x = base.T  # (9, 300), strides (1, 9)
-    y = _randn(40, 9, device=device).T[:, :20]  # (9, 20)
+    y = random_tensor((40, 9), device=device).T[:, :20]  # (9, 20)
     codes = gk.sjlt_codes(300, 20, c=2, seed=5, device=device)
-    _check(OPS.sjlt(x, codes, 20), reference.sjlt(x, codes, 20), torch.float32)
-    _check(OPS.sjlt_transpose(y, codes), reference.sjlt_transpose(y, codes), torch.float32)
+    _check(OPS.sjlt(x, codes, 20), reference.sjlt(x, codes, 20))
+    _check(OPS.sjlt_transpose(y, codes), reference.sjlt_transpose(y, codes))
     idx = gk.random_indices(300, 101, seed=1, device=device)
     codes_idx = gk.sjlt_codes(101, 20, c=2, seed=6, device=device)
-    _check(OPS.grass(x, idx, codes_idx, 20, 1.0), reference.grass(x, idx, codes_idx, 20, 1.0),
-           torch.float32)
+    _check(OPS.grass(x, idx, codes_idx, 20, 1.0), reference.grass(x, idx, codes_idx, 20, 1.0))
 
 
 def test_out_of_range_table_entries_are_refused_before_the_launch(device):
     """A corrupt table passed straight to the op raises the native kernels' ValueError; the
     largest bad bucket is named (tests/test_range_policy.py compares every op's message)."""
     d, k = 200, 16
-    x = _randn(3, d, device=device)
+    x = random_tensor((3, d), device=device)
     codes = gk.sjlt_codes(d, k, c=1, seed=0, device=device).clone()
     codes[torch.arange(0, d, 7, device=device)] = k + 1000
     message = r"codes must hold buckets in \[0, k = 16\); found bucket 1016"
@@ -100,120 +91,19 @@ def test_out_of_range_table_entries_are_refused_before_the_launch(device):
         OPS.sjlt(x, codes, k)
 
 
-# Factorized ops. (B, T, d_in, d_out, k_in', k_out'): "2d" is T = 1; "tiles" crosses every
-# block: 3 T-tiles of 64 with a tail, d in steps of 32 with tails, two output tiles per side.
-FACT_SHAPES = {
-    "2d": (4, 1, 37, 23, 20, 9),
-    "odd": (3, 7, 45, 29, 40, 17),
-    "tiles": (2, 150, 70, 66, 70, 65),
-}
-
-
-def _fact_inputs(shape, dtype, device, masked):
-    b, t, d_in, d_out = shape[:4]
-    acts = _randn(b, t, d_in, dtype=dtype, device=device, seed=1)
-    grads = _randn(b, t, d_out, dtype=dtype, device=device, seed=2)
-    mask = None
-    if masked:
-        g = torch.Generator().manual_seed(3)
-        mask = torch.rand(b, t, generator=g) * (torch.rand(b, t, generator=g) > 0.3)
-        mask[:, 0] = 0.5  # every example keeps a token
-        mask = mask.to(device)
-    return acts, grads, mask
-
-
-def _fact_cases():
-    for name in FACT_SHAPES:
-        # "tiles" (~4 s a call under the interpreter) runs once, with bias and a mask.
-        combos = ((True, True),) if name == "tiles" else ((False, False), (True, True))
-        for bias, masked in combos:
-            yield pytest.param(name, bias, masked, id=f"{name}-bias{int(bias)}-mask{int(masked)}")
-
-
-def _splits(name: str) -> list[int | None]:
-    """Token splits to run: the launcher's own choice, plus 3 programs per example's tokens
-    (partial tiles flushed with atomics) where there are enough T-tiles to split."""
-    return [None, 3] if name == "tiles" else [None]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name,bias,masked", list(_fact_cases()))
-def test_logra_matches_reference(device, dtype, name, bias, masked):
-    shape = FACT_SHAPES[name]
-    acts, grads, mask = _fact_inputs(shape, dtype, device, masked)
-    p_in = _randn(shape[4], shape[2] + bias, device=device, seed=4)
-    p_out = _randn(shape[5], shape[3], device=device, seed=5)
-    expected = reference.logra(acts, grads, p_in, p_out, mask, bias)
-    for splits in _splits(name):
-        _check(logra.launch(acts, grads, p_in, p_out, mask, bias, splits), expected, dtype,
-               "logra")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name,bias,masked", list(_fact_cases()))
-def test_fact_grass_matches_reference(device, dtype, name, bias, masked):
-    b, t, d_in, d_out, n_in, n_out = FACT_SHAPES[name]
-    acts, grads, mask = _fact_inputs(FACT_SHAPES[name], dtype, device, masked)
-    in_idx = gk.random_indices(d_in + bias, n_in, seed=6, device=device)
-    if bias:  # the virtual bias column is always selected
-        in_idx = torch.cat([in_idx[:-1], torch.tensor([d_in], device=device)])
-    out_idx = gk.random_indices(d_out, n_out, seed=7, device=device)
-    k, c = 48, 3
-    codes = gk.sjlt_codes(n_in * n_out, k, c=c, seed=8, device=device)
-    scale = math.sqrt(d_out * (d_in + bias) / (n_in * n_out))
-    expected = reference.fact_grass(acts, grads, in_idx, out_idx, codes, k, scale, mask, bias)
-    for splits in _splits(name):
-        out = fact_grass.launch(acts, grads, in_idx, out_idx, codes, k, scale, mask, bias,
-                                splits)
-        _check(out, expected, dtype, "fact_grass")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name,bias,masked", list(_fact_cases()))
-def test_fact_sjlt_matches_reference(device, dtype, name, bias, masked):
-    b, t, d_in, d_out, k_in, k_out = FACT_SHAPES[name]
-    acts, grads, mask = _fact_inputs(FACT_SHAPES[name], dtype, device, masked)
-    c = 2 if name == "tiles" else 1
-    k_in, k_out = k_in - k_in % c, k_out - k_out % c
-    codes_in = gk.sjlt_codes(d_in + bias, k_in, c=c, seed=9, device=device)
-    codes_out = gk.sjlt_codes(d_out, k_out, c=c, seed=10, device=device)
-    expected = reference.fact_sjlt(acts, grads, codes_in, codes_out, k_in, k_out, mask, bias)
-    for splits in _splits(name):
-        out = fact_sjlt.launch(acts, grads, codes_in, codes_out, k_in, k_out, mask, bias,
-                               splits)
-        _check(out, expected, dtype, "fact_sjlt")
-
-
 def test_factorized_strided_inputs(device):
     """acts as a transposed view and grads as a column slice: read through their strides."""
-    acts = _randn(2, 33, 9, device=device).transpose(1, 2)  # (2, 9, 33)
-    grads = _randn(2, 9, 40, device=device, seed=1)[:, :, ::2]  # (2, 9, 20)
-    p_in, p_out = _randn(16, 33, device=device, seed=2), _randn(8, 20, device=device, seed=3)
+    acts = random_tensor((2, 33, 9), device=device).transpose(1, 2)  # (2, 9, 33)
+    grads = random_tensor((2, 9, 40), device=device, seed=1)[:, :, ::2]  # (2, 9, 20)
+    p_in = random_tensor((16, 33), device=device, seed=2)
+    p_out = random_tensor((8, 20), device=device, seed=3)
     _check(OPS.logra(acts, grads, p_in, p_out, None, False),
-           reference.logra(acts, grads, p_in, p_out, None, False), torch.float32)
+           reference.logra(acts, grads, p_in, p_out, None, False))
     in_idx = gk.random_indices(33, 11, seed=4, device=device)
     out_idx = gk.random_indices(20, 7, seed=5, device=device)
     codes = gk.sjlt_codes(77, 32, c=1, seed=6, device=device)
     _check(OPS.fact_grass(acts, grads, in_idx, out_idx, codes, 32, 1.0, None, False),
-           reference.fact_grass(acts, grads, in_idx, out_idx, codes, 32, 1.0, None, False),
-           torch.float32)
-
-
-def test_public_api_dispatches_to_triton(device):
-    """backend='triton' reaches these kernels through grass_kernels' public ops."""
-    import grass_kernels as gk
-
-    # Atomics may add in any order on a GPU: equal up to fp32 rounding, not bitwise.
-    x = _randn(3, 129, device=device)
-    direct = OPS.sjlt(x, gk.sjlt_codes(129, 16, c=2, seed=1, device=device), 16)
-    assert rel_err(gk.sjlt(x, 16, c=2, seed=1, backend="triton"), direct) < 1e-6
-    acts, grads, mask = _fact_inputs(FACT_SHAPES["odd"], torch.float32, device, True)
-    out = gk.fact_sjlt(acts, grads, k_in=8, k_out=4, bias=True, token_mask=mask,
-                       backend="triton", path="factorized")
-    codes_in = gk.sjlt_codes(46, 8, c=1, seed=0, device=device)
-    codes_out = gk.sjlt_codes(29, 4, c=1, seed=1, device=device)
-    direct = OPS.fact_sjlt(acts, grads, codes_in, codes_out, 8, 4, mask, True)
-    assert rel_err(out, direct) < 1e-6
+           reference.fact_grass(acts, grads, in_idx, out_idx, codes, 32, 1.0, None, False))
 
 
 # Bad input at the op boundary: a direct torch.ops.grass_triton call fails with a message
@@ -317,7 +207,7 @@ def _recorded_launches() -> list[tuple]:
     """(label, kernel, args, kwargs) of every launch the launchers make for representative
     16-bit (bias, token mask, tokens split over programs) and fp32 calls, recorded instead of
     run: there is no GPU to run them on."""
-    from grass_kernels.triton import grass, sjlt, sjlt_transpose
+    from grass_kernels.triton import fact_grass, fact_sjlt, grass, logra, sjlt, sjlt_transpose
 
     launches = []
 
@@ -432,4 +322,4 @@ def test_torch_compile_fullgraph_on_gpu():
         args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         compiled = torch.compile(lambda *a, _op=op: getattr(OPS, _op)(*a), fullgraph=True)
         results[op] = rel_err(compiled(*args), getattr(reference, op)(*args))
-    assert all(err < RTOL[torch.float32] for err in results.values()), results
+    assert all(err < FP32_RTOL for err in results.values()), results
