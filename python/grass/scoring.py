@@ -4,7 +4,10 @@ score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side
 preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
 running results instead of the score matrix.
 
-On the CPU each chunk is read (and checked) in turn, fp32. When the test features are on a CUDA
+On the CPU each chunk is scored straight from the store's mapped pages (checked, not copied),
+while the kernel reads the next chunk into the page cache (madvise WILLNEED: no reader thread
+competes with the GEMM for the cores). fp32 rows go to the GEMM as they are; bf16 / fp16 rows are
+widened in cache-sized tiles just before their GEMM. When the test features are on a CUDA
 device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
 rows (bf16 / fp16 stay 16-bit) into a ring of ``READ_AHEAD + 2`` pinned host buffers, which are
 copied to the device asynchronously on a side stream and widened to fp32 there.
@@ -30,13 +33,35 @@ from .curvature import DEFAULT_CHUNK, Preconditioner
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
+# fp32 bytes of one tile of a 16-bit chunk widened at a time (half of a 2 MiB L2 cache).
+TILE_BYTES = 1 << 20
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, offsets, per_layer: bool) -> torch.Tensor:
-    """a (n, width) x b (m, width) -> (n, m), or (L, n, m) per layer."""
-    if not per_layer:
-        return a @ b.T
-    return torch.stack([a[:, s:e] @ b[:, s:e].T for s, e in offsets.values()])
+def _products(pre: torch.Tensor, rows: torch.Tensor, offsets, per_layer: bool,
+              tile: torch.Tensor | None = None) -> torch.Tensor:
+    """pre (n, width) fp32 x rows (m, width) -> (n, m) fp32, or (L, n, m) per layer.
+
+    fp32 rows (a view of the mapped store, or staged on a GPU) go to the GEMM as they are.
+    16-bit rows are widened ``tile.shape[0]`` rows at a time into ``tile`` (tile_rows, width)
+    fp32, a buffer small enough to stay in cache while its GEMM reads it, so that no fp32 copy
+    of the whole chunk is written to memory and read back. The products are computed as
+    rows @ pre.T (m, n) (a GEMV over the rows for one test row) and returned transposed.
+    """
+    m, n = rows.shape[0], pre.shape[0]
+    out = torch.empty((len(offsets), m, n) if per_layer else (m, n), device=pre.device)
+    if rows.dtype == torch.float32:
+        tiles: Iterator[tuple[int, int, torch.Tensor]] = iter([(0, m, rows)])
+    else:
+        size = tile.shape[0]
+        tiles = ((a, min(a + size, m), tile[:min(a + size, m) - a].copy_(rows[a:a + size]))
+                 for a in range(0, m, size))
+    for a, b, widened in tiles:
+        if not per_layer:
+            torch.mm(widened, pre.T, out=out[a:b])
+            continue
+        for layer, (s, e) in enumerate(offsets.values()):
+            torch.mm(widened[:, s:e], pre[:, s:e].T, out=out[layer, a:b])
+    return out.transpose(-1, -2)
 
 
 def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
@@ -186,22 +211,39 @@ class Scorer:
 
     def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``: read ahead by a
-        background thread and staged to a CUDA ``device`` (fp32 rows there); on the CPU fp32 rows
-        read in turn."""
+        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``. On a CUDA
+        ``device``: fp32 rows there, read ahead by a background thread and staged through pinned
+        memory. On the CPU: checked views of the mapped store in its dtype, no copy, with the
+        kernel asked to read the next chunk into the page cache while this one is scored (no
+        reader thread: the disk works on its own, the cores stay with the GEMM)."""
         first, last = self.rows
         size = max(1, min(self.chunk_size, last - first))
         if device.type == "cuda":
             stager = _CudaStager(self.store, size, device)
             chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
                       read_ahead(stager.read, first, last, size))
-        else:  # read in turn: a reader thread measured slower on a CPU with every core busy
-            chunks = ((a, min(a + size, last), self.store.read(a, min(a + size, last)))
-                      for a in range(first, last, size))
+        else:
+            chunks = self._mapped_chunks(first, last, size)
         if progress:
             total = -(-(last - first) // self.chunk_size)
             chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
         return chunks
+
+    def _mapped_chunks(self, first: int, last: int, size: int
+                       ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        self.store.prefetch(first, min(first + size, last))
+        for a in range(first, last, size):
+            b = min(a + size, last)
+            self.store.prefetch(b, min(b + size, last))
+            yield a, b, self.store.read_mapped(a, b)
+
+    def _tile(self, device: torch.device) -> torch.Tensor | None:
+        """The fp32 buffer 16-bit CPU chunks are widened into, (tile_rows, width); None when
+        chunks arrive as fp32 (an fp32 store, or staged to a GPU)."""
+        if device.type == "cuda" or self.store.dtype == torch.float32:
+            return None
+        rows = max(1, min(TILE_BYTES // (4 * self.store.width), self.chunk_size))
+        return torch.empty(rows, self.store.width)
 
     def train_quadratics(self, progress: bool = False) -> torch.Tensor:
         """Per-layer phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l} of ``self.rows``: (L, m) fp32,
@@ -215,6 +257,7 @@ class Scorer:
             return self._quadratics
         out = torch.empty(len(self.offsets), last - first)
         for start, stop, rows in self._chunks(torch.device("cpu"), progress, "grass norms"):
+            rows = rows.float()  # a 16-bit chunk widened (an fp32 one is used in place)
             out[:, start - first:stop - first] = layer_quadratics(self.precondition(rows), rows,
                                                                    self.offsets)
         if self.norms is not None and self.rows == (0, self.store.n_rows):
@@ -236,8 +279,9 @@ class Scorer:
                                                 per_layer)
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
+        tile = self._tile(test.device)
         for start, stop, rows in self._chunks(test.device, progress):
-            block = _products(pre, rows, self.offsets, per_layer)
+            block = _products(pre, rows, self.offsets, per_layer, tile)
             if cosine:
                 block = _normalise(block, test_norms,
                                    train_norms[..., start - first:stop - first])
