@@ -6,11 +6,13 @@ The rows are random (seeded); the timings are real. For every page-cache state (
 file's pages dropped with posix_fadvise before every call; warm: read once before), every test
 batch size (1, 16, 256 rows) and both operations, the old and the new scorer run in interleaved
 rounds in this one process, so that load on a shared machine hits both alike; the read floor is
-timed in the same rounds. Throughput is store bytes / median seconds per call. A last table
+timed in the same rounds. Throughput is store bytes / median seconds per call. ``--sweep`` adds
+a table of the new scorer's warm throughput against its chunk size (rows per read and checksum
+check) and tile size (fp32 bytes a 16-bit chunk is widened in), also interleaved. A last table
 compares ``cosine`` under an efim preconditioner (old: the preconditioner over every train chunk
 per query; new: the train norms computed once and kept with the store).
 
-    python -m bench.scoring [--rows N] [--width W] [--dtype bfloat16] [--rounds R]
+    python -m bench.scoring [--rows N] [--width W] [--dtype bfloat16] [--rounds R] [--sweep]
                             [--dir DIR] [--out FILE.md] [--plot FILE.png] [--smoke]
 """
 
@@ -29,13 +31,13 @@ from tqdm import tqdm
 
 from bench.baseline import module_at
 from bench.timing import ensure_malloc_env, format_table
-from grass import curvature
+from grass import curvature, scoring
 from grass.curvature import Preconditioner
 from grass.scoring import Scorer
 from grass.store import GradientStore
 
-# The merge that this scorer was built on: its scoring streams one chunk at a time, in the caller.
-OLD_REF = "3cde9ce"
+# The scorer this one replaces: fp32 copies of every chunk (bf16 widened whole), read in turn.
+OLD_REF = "2f9152a"
 LAYERS = 4
 READ_BYTES = 64 << 20  # one sequential read() of the floor
 # Rows of the cosine comparison (the old scorer preconditions every chunk in fp64 per query).
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--dir", help="where the store lives (kept); default: a temp dir")
     parser.add_argument("--out", metavar="FILE.md")
     parser.add_argument("--plot", metavar="FILE.png")
+    parser.add_argument("--sweep", action="store_true", help="chunk and tile sizes, warm")
+    parser.add_argument("--no-cosine", action="store_true", help="skip the cosine table")
     parser.add_argument("--smoke", action="store_true", help="20000 rows, 1 round")
     args = parser.parse_args()
     ensure_malloc_env()
@@ -127,6 +131,7 @@ def main() -> None:
         scorers = {"old": old.Scorer(store, identity, args.chunk),
                    "new": Scorer(store, identity, args.chunk)}
         g = torch.Generator().manual_seed(1)
+        load_before = os.getloadavg()
         results = []
         for cache in ("cold", "warm"):
             before = (lambda: drop_pages(store)) if cache == "cold" else None
@@ -149,17 +154,48 @@ def main() -> None:
                            "new speed-up": f"{sec['old'] / sec['new']:.2f}"}
                     results.append(row)
                     print(format_table([row], list(row)), flush=True)
-        cosine = cosine_table(store, old, args, gb)
+        extra = [] if args.no_cosine else [cosine_table(store, old, args, gb)]
+        if args.sweep:
+            extra.insert(0, sweep_table(store, args, gb))
+        load_after = os.getloadavg()
     header = (f"{args.rows:,} rows x {store.width} {args.dtype} ({gb:.2f} GB), chunks of "
               f"{args.chunk} rows, identity preconditioner, {args.rounds} interleaved rounds, "
-              f"{torch.get_num_threads()} threads, baseline {args.old_ref}")
-    text = header + "\n\n" + format_table(results, list(results[0])) + "\n\n" + cosine
+              f"{torch.get_num_threads()} threads, baseline {args.old_ref}; load average "
+              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} cores)")
+    text = "\n\n".join([header, format_table(results, list(results[0])), *extra])
     print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     if args.plot:
         plot(results, args.plot, header)
+
+
+def sweep_table(store, args, gb: float) -> str:
+    """Warm GB/s of the new scorer's ``scores`` for 1 and 16 test rows against its chunk size
+    (at the default tile) and, for a 16-bit store, its tile size (at --chunk), interleaved."""
+    configs = {f"chunk {c} rows": (c, scoring.TILE_BYTES) for c in (4096, 16384, 65536)}
+    if store.dtype != torch.float32:
+        configs.update({f"tile {t >> 10} KiB": (args.chunk, t) for t in (1 << 18, 1 << 22)})
+    identity = Preconditioner.identity(store.offsets)
+    default_tile = scoring.TILE_BYTES
+    rows = []
+    for n_test in (1, 16):
+        test = torch.randn(n_test, store.width, generator=torch.Generator().manual_seed(3))
+
+        def run(chunk: int, tile: int, t=test) -> None:
+            scoring.TILE_BYTES = tile
+            try:
+                Scorer(store, identity, chunk).scores(t)
+            finally:
+                scoring.TILE_BYTES = default_tile
+
+        sequential_read(os.path.join(store.path, "rows.bin"))
+        sec = timed_rounds({name: (lambda c=c: run(*c)) for name, c in configs.items()},
+                           args.rounds)
+        rows.append({"test rows (warm scores)": n_test,
+                     **{name: f"{gb / t:.2f} GB/s" for name, t in sec.items()}})
+    return format_table(rows, list(rows[0]))
 
 
 def cosine_table(store, old, args, gb: float) -> str:

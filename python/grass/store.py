@@ -349,9 +349,18 @@ class GradientStore:
             raise ValueError(f"layer must be one of {list(self.offsets)}, got {layer!r}")
         return slice(*self.offsets[layer])
 
+    def _records_covering(self, start: int, stop: int) -> dict[str, Intervals]:
+        """writer -> recorded rows, as last seen when that covers [start, stop) (recorded rows
+        stay recorded while the store is open: no need to read every writer's record at every
+        read of a complete store), else read fresh from disk."""
+        if Intervals([*self._own.clipped(start, stop),
+                      *self._others_union.clipped(start, stop)]).pairs() == [(start, stop)]:
+            return {self.writer: self._own, **self._others}
+        return self._refresh()
+
     def _verify(self, start: int, stop: int) -> None:
         """Check that [start, stop) is written and that every block it touches is intact."""
-        records = self._refresh()
+        records = self._records_covering(start, stop)
         covered = Intervals(p for r in records.values() for p in r.clipped(start, stop))
         if covered.pairs() != [(start, stop)]:
             raise ValueError(f"rows [{start}, {stop}) are not all written yet; "
