@@ -95,21 +95,27 @@ def test_cosine_equals_brute_force(tmp_path, dtype):
     assert cos.abs().max() <= 1 + 1e-6
 
 
+@pytest.mark.parametrize("small_batch", [16, 2])
 @pytest.mark.parametrize("in_memory", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_scores_in_tiles_from_the_map_equal_brute_force(tmp_path, monkeypatch, dtype, in_memory):
-    """16-bit chunks widened 3 rows at a time (chunks of 16 rows over 37: full and partial
-    tiles and chunks), fp32 chunks scored in place: plain, per-layer and top-k scores equal
-    the fp64 brute force over the stored values."""
+def test_scores_in_tiles_from_the_map_equal_brute_force(tmp_path, monkeypatch, dtype, in_memory,
+                                                         small_batch):
+    """5 test rows against chunks of 16 rows over 37: as a small batch, tiles of 3 rows in one
+    thread (full and partial tiles and chunks); as a large one (SMALL_BATCH 2), each chunk one
+    tile. 16-bit tiles widened into a buffer, fp32 ones used in place: plain, per-layer and
+    top-k scores equal the fp64 brute force over the stored values, and the thread count is
+    restored."""
     monkeypatch.setattr(scoring, "TILE_BYTES", 3 * sum(LAYERS.values()) * 4)
+    monkeypatch.setattr(scoring, "SMALL_BATCH", small_batch)
     store = _store(None if in_memory else tmp_path / "s", dtype=dtype)
     rows = store.read(0, store.n_rows)
     test = torch.randn(5, store.width, generator=torch.Generator().manual_seed(7))
     layers = _brute(rows, test, 0.3)[0]
     scorer = _scorer(store, chunk_size=16, norms=False)
-    tile = scorer._tile(torch.device("cpu"))
-    assert (None if tile is None else tile.shape) == (None if dtype == torch.float32
-                                                     else (3, store.width))
+    products = scoring._ChunkProducts(test, store.offsets, False, dtype, 16)
+    assert products.tile_rows == (3 if small_batch == 16 else 16)
+    assert (products.buffer is None) == (dtype == torch.float32)
+    threads = torch.get_num_threads()
     assert rel_err(scorer.scores(test), layers.sum(0)) < 1e-5
     assert rel_err(scorer.scores(test, per_layer=True), layers) < 1e-5
     values, indices = scorer.top_k(test, 4)
@@ -117,6 +123,7 @@ def test_scores_in_tiles_from_the_map_equal_brute_force(tmp_path, monkeypatch, d
     assert torch.equal(indices, ref.indices) and rel_err(values, ref.values) < 1e-5
     plain = Scorer(store, Preconditioner.identity(store.offsets), 16)
     assert rel_err(plain.scores(test), test.double() @ rows.double().T) < 1e-5
+    assert torch.get_num_threads() == threads
 
 
 def test_read_mapped_is_a_checked_view_of_the_file(tmp_path):

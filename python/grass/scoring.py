@@ -7,7 +7,7 @@ running results instead of the score matrix.
 On the CPU each chunk is scored straight from the store's mapped pages (checked, not copied),
 while the kernel reads the next chunk into the page cache (madvise WILLNEED: no reader thread
 competes with the GEMM for the cores). fp32 rows go to the GEMM as they are; bf16 / fp16 rows are
-widened in cache-sized tiles just before their GEMM. When the test features are on a CUDA
+widened in cache-sized tiles just before their GEMM (see ``_ChunkProducts``). When the test features are on a CUDA
 device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
 rows (bf16 / fp16 stay 16-bit) into a ring of ``READ_AHEAD + 2`` pinned host buffers, which are
 copied to the device asynchronously on a side stream and widened to fp32 there.
@@ -33,35 +33,61 @@ from .curvature import DEFAULT_CHUNK, Preconditioner
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
-# fp32 bytes of one tile of a 16-bit chunk widened at a time (half of a 2 MiB L2 cache).
+# Test rows up to which a chunk is scored in cache-sized tiles in one thread (see _ChunkProducts).
+SMALL_BATCH = 16
+# fp32 bytes of one such tile (half of a 2 MiB L2 cache).
 TILE_BYTES = 1 << 20
 
 
-def _products(pre: torch.Tensor, rows: torch.Tensor, offsets, per_layer: bool,
-              tile: torch.Tensor | None = None) -> torch.Tensor:
-    """pre (n, width) fp32 x rows (m, width) -> (n, m) fp32, or (L, n, m) per layer.
+class _ChunkProducts:
+    """pre (n, width) fp32 against chunks of train rows: chunk (m, width) -> (n, m) fp32, or
+    (L, n, m) per layer, as rows @ pre.T (m, n) (a GEMV over the rows for one test row)
+    returned transposed.
 
-    fp32 rows (a view of the mapped store, or staged on a GPU) go to the GEMM as they are.
-    16-bit rows are widened ``tile.shape[0]`` rows at a time into ``tile`` (tile_rows, width)
-    fp32, a buffer small enough to stay in cache while its GEMM reads it, so that no fp32 copy
-    of the whole chunk is written to memory and read back. The products are computed as
-    rows @ pre.T (m, n) (a GEMV over the rows for one test row) and returned transposed.
+    A small test batch (n <= ``SMALL_BATCH``) leaves the GEMM bound by reading the rows: the
+    chunk is scored in tiles of ``TILE_BYTES`` of fp32 in one intra-op thread, 16-bit tiles
+    widened into one reused buffer that stays in cache while its GEMM reads it (no fp32 copy
+    of the chunk goes to memory and back), fp32 tiles used in place. Such tiles are too small
+    to split across threads: on a machine whose cores are busy, every split op waits for a
+    thread to be scheduled. A larger batch makes the GEMM the bottleneck: the chunk is one
+    tile (widened whole into a reused buffer when 16-bit) and the GEMM uses every thread.
+    Rows staged to a GPU arrive as fp32 and are one tile.
     """
-    m, n = rows.shape[0], pre.shape[0]
-    out = torch.empty((len(offsets), m, n) if per_layer else (m, n), device=pre.device)
-    if rows.dtype == torch.float32:
-        tiles: Iterator[tuple[int, int, torch.Tensor]] = iter([(0, m, rows)])
-    else:
-        size = tile.shape[0]
-        tiles = ((a, min(a + size, m), tile[:min(a + size, m) - a].copy_(rows[a:a + size]))
-                 for a in range(0, m, size))
-    for a, b, widened in tiles:
-        if not per_layer:
-            torch.mm(widened, pre.T, out=out[a:b])
-            continue
-        for layer, (s, e) in enumerate(offsets.values()):
-            torch.mm(widened[:, s:e], pre[:, s:e].T, out=out[layer, a:b])
-    return out.transpose(-1, -2)
+
+    def __init__(self, pre: torch.Tensor, offsets, per_layer: bool, store_dtype: torch.dtype,
+                 chunk_rows: int):
+        self.pre, self.offsets, self.per_layer = pre, offsets, per_layer
+        width = pre.shape[1]
+        on_cpu = pre.device.type == "cpu"
+        self.small = on_cpu and pre.shape[0] <= SMALL_BATCH
+        self.tile_rows = (max(1, min(TILE_BYTES // (4 * width), chunk_rows)) if self.small
+                          else chunk_rows)
+        widen = on_cpu and store_dtype != torch.float32
+        self.buffer = torch.empty(self.tile_rows, width) if widen else None  # (tile, width) fp32
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        m, n = rows.shape[0], self.pre.shape[0]
+        out = torch.empty((len(self.offsets), m, n) if self.per_layer else (m, n),
+                          device=self.pre.device)
+        threads = torch.get_num_threads()
+        if self.small:
+            torch.set_num_threads(1)
+        try:
+            for a in range(0, m, self.tile_rows):
+                b = min(a + self.tile_rows, m)
+                tile = rows[a:b] if self.buffer is None else self.buffer[:b - a].copy_(rows[a:b])
+                self._tile_products(tile, out[..., a:b, :])
+        finally:
+            torch.set_num_threads(threads)
+        return out.transpose(-1, -2)
+
+    def _tile_products(self, tile: torch.Tensor, out: torch.Tensor) -> None:
+        """tile (t, width) fp32 -> out (t, n), or (L, t, n) per layer."""
+        if not self.per_layer:
+            torch.mm(tile, self.pre.T, out=out)
+            return
+        for layer, (s, e) in enumerate(self.offsets.values()):
+            torch.mm(tile[:, s:e], self.pre[:, s:e].T, out=out[layer])
 
 
 def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
@@ -237,14 +263,6 @@ class Scorer:
             self.store.prefetch(b, min(b + size, last))
             yield a, b, self.store.read_mapped(a, b)
 
-    def _tile(self, device: torch.device) -> torch.Tensor | None:
-        """The fp32 buffer 16-bit CPU chunks are widened into, (tile_rows, width); None when
-        chunks arrive as fp32 (an fp32 store, or staged to a GPU)."""
-        if device.type == "cuda" or self.store.dtype == torch.float32:
-            return None
-        rows = max(1, min(TILE_BYTES // (4 * self.store.width), self.chunk_size))
-        return torch.empty(rows, self.store.width)
-
     def train_quadratics(self, progress: bool = False) -> torch.Tensor:
         """Per-layer phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l} of ``self.rows``: (L, m) fp32,
         read from the store when kept there, else computed in one pass (and saved)."""
@@ -279,9 +297,10 @@ class Scorer:
                                                 per_layer)
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
-        tile = self._tile(test.device)
+        products = _ChunkProducts(pre, self.offsets, per_layer, self.store.dtype,
+                                  max(1, min(self.chunk_size, self.rows[1] - first)))
         for start, stop, rows in self._chunks(test.device, progress):
-            block = _products(pre, rows, self.offsets, per_layer, tile)
+            block = products(rows)
             if cosine:
                 block = _normalise(block, test_norms,
                                    train_norms[..., start - first:stop - first])
