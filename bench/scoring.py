@@ -8,11 +8,14 @@ batch size (1, 16, 256 rows) and both operations, the old and the new scorer run
 rounds in this one process, so that load on a shared machine hits both alike; the read floor is
 timed in the same rounds. Throughput is store bytes / median seconds per call. ``--sweep`` adds
 a table of the new scorer's warm throughput against its chunk size (rows per read and checksum
-check) and tile size (fp32 bytes a 16-bit chunk is widened in), also interleaved. A last table
+check) and tile size (fp32 bytes a 16-bit chunk is widened in), also interleaved;
+``--first-query`` the first query after opening the store (which checks every block's crc32)
+against a later one and a crc32 pass alone. A last table
 compares ``cosine`` under an efim preconditioner (old: the preconditioner over every train chunk
 per query; new: the train norms computed once and kept with the store).
 
     python -m bench.scoring [--rows N] [--width W] [--dtype bfloat16] [--rounds R] [--sweep]
+                            [--first-query] [--no-cosine]
                             [--dir DIR] [--out FILE.md] [--plot FILE.png] [--smoke]
 """
 
@@ -25,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 
 import torch
 from tqdm import tqdm
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--plot", metavar="FILE.png")
     parser.add_argument("--sweep", action="store_true", help="chunk and tile sizes, warm")
     parser.add_argument("--no-cosine", action="store_true", help="skip the cosine table")
+    parser.add_argument("--first-query", action="store_true",
+                        help="add the first query after open (checksums) against later ones")
     parser.add_argument("--smoke", action="store_true", help="20000 rows, 1 round")
     args = parser.parse_args()
     ensure_malloc_env()
@@ -157,6 +163,8 @@ def main() -> None:
         extra = [] if args.no_cosine else [cosine_table(store, old, args, gb)]
         if args.sweep:
             extra.insert(0, sweep_table(store, args, gb))
+        if args.first_query:
+            extra.insert(0, first_query_table(store, args, gb))
         load_after = os.getloadavg()
     header = (f"{args.rows:,} rows x {store.width} {args.dtype} ({gb:.2f} GB), chunks of "
               f"{args.chunk} rows, identity preconditioner, {args.rounds} interleaved rounds, "
@@ -173,29 +181,58 @@ def main() -> None:
 
 def sweep_table(store, args, gb: float) -> str:
     """Warm GB/s of the new scorer's ``scores`` for 1 and 16 test rows against its chunk size
-    (at the default tile) and, for a 16-bit store, its tile size (at --chunk), interleaved."""
+    in rows (no CHUNK_BYTES floor, at the default tile) and, for a 16-bit store, its tile size
+    (at --chunk rows), interleaved."""
     configs = {f"chunk {c} rows": (c, scoring.TILE_BYTES) for c in (4096, 16384, 65536)}
     if store.dtype != torch.float32:
-        configs.update({f"tile {t >> 10} KiB": (args.chunk, t) for t in (1 << 18, 1 << 22)})
+        configs.update({f"tile {t >> 10} KiB": (args.chunk, t)
+                        for t in (1 << 18, 1 << 20, 1 << 22) if t != scoring.TILE_BYTES})
     identity = Preconditioner.identity(store.offsets)
-    default_tile = scoring.TILE_BYTES
+    defaults = scoring.TILE_BYTES, scoring.CHUNK_BYTES
     rows = []
     for n_test in (1, 16):
         test = torch.randn(n_test, store.width, generator=torch.Generator().manual_seed(3))
 
         def run(chunk: int, tile: int, t=test) -> None:
-            scoring.TILE_BYTES = tile
+            scoring.TILE_BYTES, scoring.CHUNK_BYTES = tile, 0
             try:
                 Scorer(store, identity, chunk).scores(t)
             finally:
-                scoring.TILE_BYTES = default_tile
+                scoring.TILE_BYTES, scoring.CHUNK_BYTES = defaults
 
         sequential_read(os.path.join(store.path, "rows.bin"))
         sec = timed_rounds({name: (lambda c=c: run(*c)) for name, c in configs.items()},
                            args.rounds)
-        rows.append({"test rows (warm scores)": n_test,
+        rows.append({f"test rows (warm scores, tile {defaults[0] >> 10} KiB)": n_test,
                      **{name: f"{gb / t:.2f} GB/s" for name, t in sec.items()}})
     return format_table(rows, list(rows[0]))
+
+
+def first_query_table(store, args, gb: float) -> str:
+    """Warm: the first ``scores`` of one test row on a freshly opened store (which checks
+    every block's crc32 as it reads) against the same call on a store whose blocks are already
+    checked, and a crc32 pass over rows.bin alone, interleaved."""
+    identity = Preconditioner.identity(store.offsets)
+    test = torch.randn(1, store.width, generator=torch.Generator().manual_seed(4))
+    checked = Scorer(store, identity, args.chunk)
+    rows_bin = os.path.join(store.path, "rows.bin")
+
+    def crc_pass() -> None:
+        with open(rows_bin, "rb", buffering=0) as f:
+            crc, buf = 0, bytearray(READ_BYTES)
+            while n := f.readinto(buf):
+                crc = zlib.crc32(memoryview(buf)[:n], crc)
+
+    sequential_read(rows_bin)
+    sec = timed_rounds({
+        "read floor": lambda: sequential_read(rows_bin),
+        "crc32 of rows.bin": crc_pass,
+        "first query after open": lambda: Scorer(GradientStore.load(store.path), identity,
+                                                 args.chunk).scores(test),
+        "later query": lambda: checked.scores(test),
+    }, args.rounds)
+    row = {"1 test row, warm": "GB/s", **{k: f"{gb / t:.2f}" for k, t in sec.items()}}
+    return format_table([row], list(row))
 
 
 def cosine_table(store, old, args, gb: float) -> str:

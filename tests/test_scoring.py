@@ -24,6 +24,13 @@ from conftest import rel_err
 LAYERS = {"a": 6, "b": 5}
 
 
+@pytest.fixture(autouse=True)
+def chunks_of_chunk_size(monkeypatch):
+    """Chunks of exactly ``chunk_size`` rows (no CHUNK_BYTES floor): these small stores then
+    span several chunks."""
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 0)
+
+
 def _store(path, n=37, dtype=torch.float32, seed=0):
     store = GradientStore.open(path, config={"test": "scoring"}, n_rows=n, layers=LAYERS,
                                dtype=dtype, block_rows=4)
@@ -124,6 +131,25 @@ def test_scores_in_tiles_from_the_map_equal_brute_force(tmp_path, monkeypatch, d
     plain = Scorer(store, Preconditioner.identity(store.offsets), 16)
     assert rel_err(plain.scores(test), test.double() @ rows.double().T) < 1e-5
     assert torch.get_num_threads() == threads
+
+
+def test_cpu_chunks_hold_at_least_chunk_bytes(tmp_path, monkeypatch):
+    """chunk_size 4 under a CHUNK_BYTES of 10 rows: the store is read in chunks of 10 rows,
+    each asked ahead of its turn, and the scores stay the same."""
+    store = _store(tmp_path / "s")
+    test = torch.randn(2, store.width, generator=torch.Generator().manual_seed(8))
+    expected = _scorer(store, chunk_size=4, norms=False).scores(test)
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 10 * store.width * 4)
+    reads, asked = [], []
+    read_mapped, prefetch = GradientStore.read_mapped, GradientStore.prefetch
+    monkeypatch.setattr(GradientStore, "read_mapped",
+                        lambda s, a, b: reads.append((a, b)) or read_mapped(s, a, b))
+    monkeypatch.setattr(GradientStore, "prefetch",
+                        lambda s, a, b: asked.append((a, b)) or prefetch(s, a, b))
+    scores = _scorer(store, chunk_size=4, norms=False).scores(test)
+    assert reads == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    assert asked[:len(reads)] == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    assert rel_err(scores, expected) < 1e-6  # the GEMM's rounding may differ with the chunk
 
 
 def test_read_mapped_is_a_checked_view_of_the_file(tmp_path):

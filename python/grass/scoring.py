@@ -33,10 +33,12 @@ from .curvature import DEFAULT_CHUNK, Preconditioner
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
-# Test rows up to which a chunk is scored in cache-sized tiles in one thread (see _ChunkProducts).
+# Test rows up to which a chunk is scored in tiles in one thread (see _ChunkProducts).
 SMALL_BATCH = 16
-# fp32 bytes of one such tile (half of a 2 MiB L2 cache).
-TILE_BYTES = 1 << 20
+# fp32 bytes of one such tile, and the least bytes of rows a CPU chunk reads (a smaller
+# chunk_size is raised to it): both chosen by bench/scoring.py --sweep.
+TILE_BYTES = 4 << 20
+CHUNK_BYTES = 32 << 20
 
 
 class _ChunkProducts:
@@ -237,13 +239,14 @@ class Scorer:
 
     def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``. On a CUDA
+        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size`` rows (on the CPU at
+        least ``CHUNK_BYTES``: fewer per-chunk checks, advice and thread switches). On a CUDA
         ``device``: fp32 rows there, read ahead by a background thread and staged through pinned
         memory. On the CPU: checked views of the mapped store in its dtype, no copy, with the
         kernel asked to read the next chunk into the page cache while this one is scored (no
         reader thread: the disk works on its own, the cores stay with the GEMM)."""
         first, last = self.rows
-        size = max(1, min(self.chunk_size, last - first))
+        size = self._chunk_rows(device)
         if device.type == "cuda":
             stager = _CudaStager(self.store, size, device)
             chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
@@ -251,9 +254,16 @@ class Scorer:
         else:
             chunks = self._mapped_chunks(first, last, size)
         if progress:
-            total = -(-(last - first) // self.chunk_size)
+            total = -(-(last - first) // size)
             chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
         return chunks
+
+    def _chunk_rows(self, device: torch.device) -> int:
+        """Rows per chunk: ``chunk_size``, on the CPU at least ``CHUNK_BYTES`` of rows."""
+        size = self.chunk_size
+        if device.type != "cuda":
+            size = max(size, CHUNK_BYTES // (self.store.width * self.store.dtype.itemsize))
+        return max(1, min(size, self.rows[1] - self.rows[0]))
 
     def _mapped_chunks(self, first: int, last: int, size: int
                        ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -298,7 +308,7 @@ class Scorer:
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
         products = _ChunkProducts(pre, self.offsets, per_layer, self.store.dtype,
-                                  max(1, min(self.chunk_size, self.rows[1] - first)))
+                                  self._chunk_rows(test.device))
         for start, stop, rows in self._chunks(test.device, progress):
             block = products(rows)
             if cosine:

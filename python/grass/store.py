@@ -20,6 +20,9 @@ fill disjoint row ranges of one store without a lock. A write costs the same how
 and writers came before it: it flushes only its own rows, extends a running checksum and
 rewrites a record whose size grows with the number of gaps, not of writes. A file of the wrong
 size or a block whose checksum does not match raises StoreError instead of yielding wrong scores.
+An open store checks each block once, at its first read (every later query of a complete store
+reads the rows without hashing them again): a block changed after that, say by another
+process, is caught when the store is next opened, not by this store object.
 """
 
 from __future__ import annotations
