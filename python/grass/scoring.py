@@ -43,8 +43,8 @@ CHUNK_BYTES = 32 << 20
 
 class _ChunkProducts:
     """pre (n, width) fp32 against chunks of train rows: chunk (m, width) -> (n, m) fp32, or
-    (L, n, m) per layer, as rows @ pre.T (m, n) (a GEMV over the rows for one test row)
-    returned transposed.
+    (L, n, m) per layer, each tile's GEMM writing its columns in place (a transposed result
+    would cost a strided copy of every score afterwards).
 
     A small test batch (n <= ``SMALL_BATCH``) leaves the GEMM bound by reading the rows: the
     chunk is scored in tiles of ``TILE_BYTES`` of fp32 in one intra-op thread, 16-bit tiles
@@ -69,7 +69,7 @@ class _ChunkProducts:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         m, n = rows.shape[0], self.pre.shape[0]
-        out = torch.empty((len(self.offsets), m, n) if self.per_layer else (m, n),
+        out = torch.empty((len(self.offsets), n, m) if self.per_layer else (n, m),
                           device=self.pre.device)
         threads = torch.get_num_threads()
         if self.small:
@@ -78,18 +78,18 @@ class _ChunkProducts:
             for a in range(0, m, self.tile_rows):
                 b = min(a + self.tile_rows, m)
                 tile = rows[a:b] if self.buffer is None else self.buffer[:b - a].copy_(rows[a:b])
-                self._tile_products(tile, out[..., a:b, :])
+                self._tile_products(tile, out[..., a:b])
         finally:
             torch.set_num_threads(threads)
-        return out.transpose(-1, -2)
+        return out
 
     def _tile_products(self, tile: torch.Tensor, out: torch.Tensor) -> None:
-        """tile (t, width) fp32 -> out (t, n), or (L, t, n) per layer."""
+        """tile (t, width) fp32 -> out (n, t), or (L, n, t) per layer (column slices)."""
         if not self.per_layer:
-            torch.mm(tile, self.pre.T, out=out)
+            torch.mm(self.pre, tile.T, out=out)
             return
         for layer, (s, e) in enumerate(self.offsets.values()):
-            torch.mm(tile[:, s:e], self.pre[:, s:e].T, out=out[layer])
+            torch.mm(self.pre[:, s:e], tile[:, s:e].T, out=out[layer])
 
 
 def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
