@@ -9,13 +9,15 @@ rounds in this one process, so that load on a shared machine hits both alike; th
 timed in the same rounds. Throughput is store bytes / median seconds per call. ``--sweep`` adds
 a table of the new scorer's warm throughput against its chunk size (rows per read and checksum
 check) and tile size (fp32 bytes a 16-bit chunk is widened in), also interleaved;
-``--first-query`` the first query after opening the store (which checks every block's crc32)
+``--ceiling`` (alone) the new scorer against its own GEMMs on rows held in memory (the
+compute ceiling where the GEMM is the bottleneck); ``--first-query`` the first query after
+opening the store (which checks every block's crc32)
 against a later one and a crc32 pass alone. A last table
 compares ``cosine`` under an efim preconditioner (old: the preconditioner over every train chunk
 per query; new: the train norms computed once and kept with the store).
 
     python -m bench.scoring [--rows N] [--width W] [--dtype bfloat16] [--rounds R] [--sweep]
-                            [--first-query] [--no-cosine]
+                            [--ceiling] [--first-query] [--no-cosine]
                             [--dir DIR] [--out FILE.md] [--plot FILE.png] [--smoke]
 """
 
@@ -34,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from bench.baseline import module_at
-from bench.timing import ensure_malloc_env, format_table
+from bench.timing import ensure_malloc_env, format_table, report
 from grass import curvature, scoring
 from grass.curvature import Preconditioner
 from grass.scoring import Scorer
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--plot", metavar="FILE.png")
     parser.add_argument("--sweep", action="store_true", help="chunk and tile sizes, warm")
     parser.add_argument("--no-cosine", action="store_true", help="skip the cosine table")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="only the new scorer against the floor and its GEMMs alone, warm")
     parser.add_argument("--first-query", action="store_true",
                         help="add the first query after open (checksums) against later ones")
     parser.add_argument("--smoke", action="store_true", help="20000 rows, 1 round")
@@ -133,6 +137,14 @@ def main() -> None:
         for start in tqdm(range(0, store.n_rows, args.chunk), desc="verify checksums"):
             store.read_raw(start, min(start + args.chunk, store.n_rows))
         gb = os.path.getsize(rows_bin) / 1e9
+        if args.ceiling:
+            text = ceiling_table(store, args, gb)
+            header = (f"{args.rows:,} rows x {store.width} {args.dtype} ({gb:.2f} GB), chunks "
+                      f"of {args.chunk} rows, {args.rounds} interleaved rounds, "
+                      f"{torch.get_num_threads()} threads; load average "
+                      f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
+            report(header + "\n\n" + text + "\n", args.out)
+            return
         identity = Preconditioner.identity(store.offsets)
         scorers = {"old": old.Scorer(store, identity, args.chunk),
                    "new": Scorer(store, identity, args.chunk)}
@@ -170,11 +182,7 @@ def main() -> None:
               f"{args.chunk} rows, identity preconditioner, {args.rounds} interleaved rounds, "
               f"{torch.get_num_threads()} threads, baseline {args.old_ref}; load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} cores)")
-    text = "\n\n".join([header, format_table(results, list(results[0])), *extra])
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report("\n\n".join([header, format_table(results, list(results[0])), *extra]) + "\n", args.out)
     if args.plot:
         plot(results, args.plot, header)
 
@@ -206,6 +214,40 @@ def sweep_table(store, args, gb: float) -> str:
         rows.append({f"test rows (warm scores, tile {defaults[0] >> 10} KiB)": n_test,
                      **{name: f"{gb / t:.2f} GB/s" for name, t in sec.items()}})
     return format_table(rows, list(rows[0]))
+
+
+def ceiling_table(store, args, gb: float) -> str:
+    """Warm ``scores`` of the new scorer against the read floor and against its GEMMs alone:
+    the same tiles (widened when 16-bit) over one chunk of rows held in memory, repeated to
+    cover the store, with no file, map or checksum involved; interleaved."""
+    identity = Preconditioner.identity(store.offsets)
+    scorer = Scorer(store, identity, args.chunk)
+    rows = scorer._chunk_rows(torch.device("cpu"))
+    resident = store.read_raw(0, rows)  # (rows, width) in the store dtype, in memory
+    full, rest = divmod(store.n_rows, rows)
+    rows_bin = os.path.join(store.path, "rows.bin")
+    table = []
+    for n_test in [int(t) for t in args.tests.split(",")]:
+        test = torch.randn(n_test, store.width, generator=torch.Generator().manual_seed(5))
+        products = scoring._ChunkProducts(test, store.offsets, False, store.dtype, rows)
+
+        def gemm_alone(p=products) -> None:
+            for _ in range(full):
+                p(resident)
+            if rest:
+                p(resident[:rest])
+
+        sequential_read(rows_bin)
+        sec = timed_rounds({"read floor": lambda: sequential_read(rows_bin),
+                            "new": lambda t=test: scorer.scores(t), "GEMM alone": gemm_alone},
+                           args.rounds)
+        table.append({"test rows (warm scores)": n_test,
+                      "floor GB/s": f"{gb / sec['read floor']:.2f}",
+                      "GEMM alone GB/s": f"{gb / sec['GEMM alone']:.2f}",
+                      "new GB/s": f"{gb / sec['new']:.2f}",
+                      "new / floor": f"{sec['read floor'] / sec['new']:.2f}",
+                      "new / GEMM alone": f"{sec['GEMM alone'] / sec['new']:.2f}"})
+    return format_table(table, list(table[0]))
 
 
 def first_query_table(store, args, gb: float) -> str:

@@ -4,11 +4,12 @@ score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side
 preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
 running results instead of the score matrix.
 
-On the CPU each chunk is scored straight from the store's mapped pages (checked, not copied),
-while the kernel reads the next chunk into the page cache (madvise WILLNEED: no reader thread
-competes with the GEMM for the cores). fp32 rows go to the GEMM as they are; bf16 / fp16 rows are
-widened in cache-sized tiles just before their GEMM (see ``_ChunkProducts``). When the test features are on a CUDA
-device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
+On the CPU each chunk (at least ``CHUNK_BYTES``) is scored straight from the store's mapped
+pages (checked, not copied) while the kernel reads the next chunk into the page cache (madvise
+WILLNEED: no reader thread competes with the GEMM for the cores). fp32 rows go to the GEMM as
+they are; bf16 / fp16 rows are widened in tiles just before their GEMM, and a small test batch
+is scored tile by tile in one thread (see ``_ChunkProducts``). When the test features are on a
+CUDA device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
 rows (bf16 / fp16 stay 16-bit) into a ring of ``READ_AHEAD + 2`` pinned host buffers, which are
 copied to the device asynchronously on a side stream and widened to fp32 there.
 
@@ -220,6 +221,7 @@ class TrainNorms:
 class Scorer:
     """Scores against the rows of ``store`` under ``precondition``.
 
+    chunk_size: rows read, checked and scored at a time (on the CPU raised to ``CHUNK_BYTES``).
     rows: the train rows [start, stop) scored, all by default; grass.distributed gives each
         rank its own range, and results then cover those rows only (indices stay global).
     norms: where the train norms are kept (``TrainNorms``); None computes them once per Scorer.
