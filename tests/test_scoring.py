@@ -4,6 +4,7 @@ staging path where a GPU is present."""
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
@@ -13,14 +14,21 @@ from torch import nn
 from torch.nn import functional as F
 
 import grass
-from grass import curvature
+from grass import curvature, scoring
 from grass.curvature import Preconditioner
 from grass.scoring import Scorer, TrainNorms, read_ahead
-from grass.store import GradientStore
+from grass.store import ChecksumError, GradientStore
 
 from conftest import rel_err
 
 LAYERS = {"a": 6, "b": 5}
+
+
+@pytest.fixture(autouse=True)
+def chunks_of_chunk_size(monkeypatch):
+    """Chunks of exactly ``chunk_size`` rows (no CHUNK_BYTES floor): these small stores then
+    span several chunks."""
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 0)
 
 
 def _store(path, n=37, dtype=torch.float32, seed=0):
@@ -56,12 +64,13 @@ def _scorer(store, damping=0.3, chunk_size=5, norms=True):
 
 
 class _CountReads:
-    """Counts the rows that GradientStore.read / read_raw hand out (every access to rows.bin)."""
+    """Counts the rows that GradientStore.read / read_raw / read_mapped hand out (every access
+    to rows.bin)."""
 
     def __init__(self, monkeypatch):
         self.rows = 0
         lock = threading.Lock()
-        for name in ("read", "read_raw"):
+        for name in ("read", "read_raw", "read_mapped"):
             original = getattr(GradientStore, name)
 
             def counted(store, start, stop, *args, _original=original, **kwargs):
@@ -91,6 +100,80 @@ def test_cosine_equals_brute_force(tmp_path, dtype):
     ref = cos.topk(6, dim=1)
     assert torch.equal(indices, ref.indices) and rel_err(values, ref.values) < 1e-5
     assert cos.abs().max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("small_batch", [16, 2])
+@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scores_in_tiles_from_the_map_equal_brute_force(tmp_path, monkeypatch, dtype, in_memory,
+                                                         small_batch):
+    """5 test rows against chunks of 16 rows over 37: as a small batch, tiles of 3 rows in one
+    thread (full and partial tiles and chunks); as a large one (SMALL_BATCH 2), each chunk one
+    tile. 16-bit tiles widened into a buffer, fp32 ones used in place: plain, per-layer and
+    top-k scores equal the fp64 brute force over the stored values, and the thread count is
+    restored."""
+    monkeypatch.setattr(scoring, "TILE_BYTES", 3 * sum(LAYERS.values()) * 4)
+    monkeypatch.setattr(scoring, "SMALL_BATCH", small_batch)
+    store = _store(None if in_memory else tmp_path / "s", dtype=dtype)
+    rows = store.read(0, store.n_rows)
+    test = torch.randn(5, store.width, generator=torch.Generator().manual_seed(7))
+    layers = _brute(rows, test, 0.3)[0]
+    scorer = _scorer(store, chunk_size=16, norms=False)
+    products = scoring._ChunkProducts(test, store.layout, False, dtype, 16)
+    assert products.tile_rows == (3 if small_batch == 16 else 16)
+    assert (products.buffer is None) == (dtype == torch.float32)
+    threads = torch.get_num_threads()
+    assert rel_err(scorer.scores(test), layers.sum(0)) < 1e-5
+    assert rel_err(scorer.scores(test, per_layer=True), layers) < 1e-5
+    values, indices = scorer.top_k(test, 4)
+    ref = layers.sum(0).topk(4, dim=1)
+    assert torch.equal(indices, ref.indices) and rel_err(values, ref.values) < 1e-5
+    plain = Scorer(store, Preconditioner.identity(store.layout), 16)
+    assert rel_err(plain.scores(test), test.double() @ rows.double().T) < 1e-5
+    assert torch.get_num_threads() == threads
+
+
+def test_cpu_chunks_hold_at_least_chunk_bytes(tmp_path, monkeypatch):
+    """chunk_size 4 under a CHUNK_BYTES of 10 rows: the store is read in chunks of 10 rows,
+    each asked ahead of its turn, and the scores stay the same."""
+    store = _store(tmp_path / "s")
+    test = torch.randn(2, store.width, generator=torch.Generator().manual_seed(8))
+    expected = _scorer(store, chunk_size=4, norms=False).scores(test)
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 10 * store.width * 4)
+    reads, asked = [], []
+    read_mapped, prefetch = GradientStore.read_mapped, GradientStore.prefetch
+    monkeypatch.setattr(GradientStore, "read_mapped",
+                        lambda s, a, b: reads.append((a, b)) or read_mapped(s, a, b))
+    monkeypatch.setattr(GradientStore, "prefetch",
+                        lambda s, a, b: asked.append((a, b)) or prefetch(s, a, b))
+    scores = _scorer(store, chunk_size=4, norms=False).scores(test)
+    assert reads == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    assert asked[:len(reads)] == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    assert rel_err(scores, expected) < 1e-6  # the GEMM's rounding may differ with the chunk
+
+
+def test_read_mapped_is_a_checked_view_of_the_file(tmp_path):
+    """read_mapped hands out the mapped pages themselves (a byte changed in rows.bin shows
+    through), refuses rows not yet written, and a store opened after the change refuses the
+    damaged block, naming its rows."""
+    path = tmp_path / "s"
+    store = GradientStore.open(path, config={"test": "scoring"}, n_rows=12, layers=LAYERS,
+                               block_rows=4)
+    store.write(0, torch.randn(8, store.width, generator=torch.Generator().manual_seed(4)))
+    view = store.read_mapped(4, 8)
+    assert view.dtype == torch.float32 and torch.equal(view, store.read(4, 8))
+    with pytest.raises(ValueError, match=r"rows \[4, 12\) are not all written yet"):
+        store.read_mapped(4, 12)
+    offset = 5 * store.width * 4  # the first value of row 5
+    assert float(view[1, 0]) != 12.5  # a standard normal draw
+    with open(path / "rows.bin", "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<f", 12.5))
+    assert float(view[1, 0]) == 12.5
+    store.prefetch(0, 12)  # an advice only: the rows stay as they are
+    assert float(view[1, 0]) == 12.5
+    with pytest.raises(ChecksumError, match=r"rows \[4, 8\) of .* fail their checksum"):
+        GradientStore.load(path).read_mapped(0, 8)
 
 
 def test_norms_computed_once_saved_and_reused(tmp_path, monkeypatch):

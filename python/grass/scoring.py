@@ -4,8 +4,12 @@ score(j, i) = sum_l phi_{j,l}^T (F_l + lambda_l I)^{-1} phi_{i,l}: the test side
 preconditioned once, then every train chunk costs one GEMM. ``top_k`` keeps (n_test, k)
 running results instead of the score matrix.
 
-On the CPU each chunk is read (and checked) in turn, fp32. When the test features are on a CUDA
-device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
+On the CPU each chunk (at least ``CHUNK_BYTES``) is scored straight from the store's mapped
+pages (checked, not copied) while the kernel reads the next chunk into the page cache (madvise
+WILLNEED: no reader thread competes with the GEMM for the cores). fp32 rows go to the GEMM as
+they are; bf16 / fp16 rows are widened in tiles just before their GEMM, and a small test batch
+is scored tile by tile in one thread (see ``_ChunkProducts``). When the test features are on a
+CUDA device a reader thread reads up to ``READ_AHEAD`` chunks ahead of the one being scored, as raw
 rows (bf16 / fp16 stay 16-bit) into a ring of ``READ_AHEAD + 2`` pinned host buffers, which are
 copied to the device asynchronously on a side stream and widened to fp32 there.
 
@@ -31,13 +35,63 @@ from .layers import Layout
 
 # Chunks read ahead of the one being scored: one in flight while one is scored.
 READ_AHEAD = 2
+# Test rows up to which a chunk is scored in tiles in one thread (see _ChunkProducts).
+SMALL_BATCH = 16
+# fp32 bytes of one such tile, and the least bytes of rows a CPU chunk reads (a smaller
+# chunk_size is raised to it): both chosen by bench/scoring.py --sweep.
+TILE_BYTES = 4 << 20
+CHUNK_BYTES = 32 << 20
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, layout: Layout, per_layer: bool) -> torch.Tensor:
-    """a (n, width) x b (m, width) -> (n, m), or (L, n, m) per layer."""
-    if not per_layer:
-        return a @ b.T
-    return torch.stack([a[:, c.cols] @ b[:, c.cols].T for c in layout.values()])
+class _ChunkProducts:
+    """pre (n, width) fp32 against chunks of train rows: chunk (m, width) -> (n, m) fp32, or
+    (L, n, m) per layer, each tile's GEMM writing its columns in place (a transposed result
+    would cost a strided copy of every score afterwards).
+
+    A small test batch (n <= ``SMALL_BATCH``) leaves the GEMM bound by reading the rows: the
+    chunk is scored in tiles of ``TILE_BYTES`` of fp32 in one intra-op thread, 16-bit tiles
+    widened into one reused buffer that stays in cache while its GEMM reads it (no fp32 copy
+    of the chunk goes to memory and back), fp32 tiles used in place. Such tiles are too small
+    to split across threads: on a machine whose cores are busy, every split op waits for a
+    thread to be scheduled. A larger batch makes the GEMM the bottleneck: the chunk is one
+    tile (widened whole into a reused buffer when 16-bit) and the GEMM uses every thread.
+    Rows staged to a GPU arrive as fp32 and are one tile.
+    """
+
+    def __init__(self, pre: torch.Tensor, layout: Layout, per_layer: bool,
+                 store_dtype: torch.dtype, chunk_rows: int):
+        self.pre, self.layout, self.per_layer = pre, layout, per_layer
+        width = pre.shape[1]
+        on_cpu = pre.device.type == "cpu"
+        self.small = on_cpu and pre.shape[0] <= SMALL_BATCH
+        self.tile_rows = (max(1, min(TILE_BYTES // (4 * width), chunk_rows)) if self.small
+                          else chunk_rows)
+        widen = on_cpu and store_dtype != torch.float32
+        self.buffer = torch.empty(self.tile_rows, width) if widen else None  # (tile, width) fp32
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        m, n = rows.shape[0], self.pre.shape[0]
+        out = torch.empty((len(self.layout), n, m) if self.per_layer else (n, m),
+                          device=self.pre.device)
+        threads = torch.get_num_threads()
+        if self.small:
+            torch.set_num_threads(1)
+        try:
+            for a in range(0, m, self.tile_rows):
+                b = min(a + self.tile_rows, m)
+                tile = rows[a:b] if self.buffer is None else self.buffer[:b - a].copy_(rows[a:b])
+                self._tile_products(tile, out[..., a:b])
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    def _tile_products(self, tile: torch.Tensor, out: torch.Tensor) -> None:
+        """tile (t, width) fp32 -> out (n, t), or (L, n, t) per layer (column slices)."""
+        if not self.per_layer:
+            torch.mm(self.pre, tile.T, out=out)
+            return
+        for layer, c in enumerate(self.layout.values()):
+            torch.mm(self.pre[:, c.cols], tile[:, c.cols].T, out=out[layer])
 
 
 def layer_quadratics(pre: torch.Tensor, x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -168,6 +222,7 @@ class TrainNorms:
 class Scorer:
     """Scores against the rows of ``store`` under ``precondition``.
 
+    chunk_size: rows read, checked and scored at a time (on the CPU raised to ``CHUNK_BYTES``).
     rows: the train rows [start, stop) scored, all by default; grass.distributed gives each
         rank its own range, and results then cover those rows only (indices stay global).
     norms: where the train norms are kept (``TrainNorms``); None computes them once per Scorer.
@@ -187,22 +242,39 @@ class Scorer:
 
     def _chunks(self, device: torch.device, progress: bool = False, desc: str = "grass attribute"
                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size``: read ahead by a
-        background thread and staged to a CUDA ``device`` (fp32 rows there); on the CPU fp32 rows
-        read in turn."""
+        """(start, stop, rows) over ``self.rows`` in chunks of ``chunk_size`` rows (on the CPU at
+        least ``CHUNK_BYTES``: fewer per-chunk checks, advice and thread switches). On a CUDA
+        ``device``: fp32 rows there, read ahead by a background thread and staged through pinned
+        memory. On the CPU: checked views of the mapped store in its dtype, no copy, with the
+        kernel asked to read the next chunk into the page cache while this one is scored (no
+        reader thread: the disk works on its own, the cores stay with the GEMM)."""
         first, last = self.rows
-        size = max(1, min(self.chunk_size, last - first))
+        size = self._chunk_rows(device)
         if device.type == "cuda":
             stager = _CudaStager(self.store, size, device)
             chunks = ((a, b, stager.to_device(staged)) for a, b, staged in
                       read_ahead(stager.read, first, last, size))
-        else:  # read in turn: a reader thread measured slower on a CPU with every core busy
-            chunks = ((a, min(a + size, last), self.store.read(a, min(a + size, last)))
-                      for a in range(first, last, size))
+        else:
+            chunks = self._mapped_chunks(first, last, size)
         if progress:
-            total = -(-(last - first) // self.chunk_size)
+            total = -(-(last - first) // size)
             chunks = tqdm(chunks, total=total, desc=desc, unit="chunk")
         return chunks
+
+    def _chunk_rows(self, device: torch.device) -> int:
+        """Rows per chunk: ``chunk_size``, on the CPU at least ``CHUNK_BYTES`` of rows."""
+        size = self.chunk_size
+        if device.type != "cuda":
+            size = max(size, CHUNK_BYTES // (self.store.width * self.store.dtype.itemsize))
+        return max(1, min(size, self.rows[1] - self.rows[0]))
+
+    def _mapped_chunks(self, first: int, last: int, size: int
+                       ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        self.store.prefetch(first, min(first + size, last))
+        for a in range(first, last, size):
+            b = min(a + size, last)
+            self.store.prefetch(b, min(b + size, last))
+            yield a, b, self.store.read_mapped(a, b)
 
     def train_quadratics(self, progress: bool = False) -> torch.Tensor:
         """Per-layer phi_{i,l}^T (F_l + lambda_l I)^{-1} phi_{i,l} of ``self.rows``: (L, m) fp32,
@@ -216,6 +288,7 @@ class Scorer:
             return self._quadratics
         out = torch.empty(len(self.layout), last - first)
         for start, stop, rows in self._chunks(torch.device("cpu"), progress, "grass norms"):
+            rows = rows.float()  # a 16-bit chunk widened (an fp32 one is used in place)
             out[:, start - first:stop - first] = layer_quadratics(self.precondition(rows), rows,
                                                                    self.layout)
         if self.norms is not None and self.rows == (0, self.store.n_rows):
@@ -237,8 +310,10 @@ class Scorer:
                                                 per_layer)
             train_norms = _norms_from_quadratics(self.train_quadratics(progress),
                                                  per_layer).to(test.device)
+        products = _ChunkProducts(pre, self.layout, per_layer, self.store.dtype,
+                                  self._chunk_rows(test.device))
         for start, stop, rows in self._chunks(test.device, progress):
-            block = _products(pre, rows, self.layout, per_layer)
+            block = products(rows)
             if cosine:
                 block = _normalise(block, test_norms,
                                    train_norms[..., start - first:stop - first])

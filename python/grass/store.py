@@ -21,6 +21,9 @@ fill disjoint row ranges of one store without a lock. A write costs the same how
 and writers came before it: it flushes only its own rows, extends a running checksum and
 rewrites a record whose size grows with the number of gaps, not of writes. A file of the wrong
 size or a block whose checksum does not match raises StoreError instead of yielding wrong scores.
+An open store checks each block once, at its first read (every later query of a complete store
+reads the rows without hashing them again): a block changed after that, say by another
+process, is caught when the store is next opened, not by this store object.
 """
 
 from __future__ import annotations
@@ -359,9 +362,18 @@ class GradientStore:
             raise ValueError(f"layer must be one of {list(self.layout)}, got {layer!r}")
         return self.layout[layer].cols
 
+    def _records_covering(self, start: int, stop: int) -> dict[str, Intervals]:
+        """writer -> recorded rows, as last seen when that covers [start, stop) (recorded rows
+        stay recorded while the store is open: no need to read every writer's record at every
+        read of a complete store), else read fresh from disk."""
+        if Intervals([*self._own.clipped(start, stop),
+                      *self._others_union.clipped(start, stop)]).pairs() == [(start, stop)]:
+            return {self.writer: self._own, **self._others}
+        return self._refresh()
+
     def _verify(self, start: int, stop: int) -> None:
         """Check that [start, stop) is written and that every block it touches is intact."""
-        records = self._refresh()
+        records = self._records_covering(start, stop)
         covered = Intervals(p for r in records.values() for p in r.clipped(start, stop))
         if covered.pairs() != [(start, stop)]:
             raise ValueError(f"rows [{start}, {stop}) are not all written yet; "
@@ -441,6 +453,24 @@ class GradientStore:
                     raise StoreError(f"{self.path}/rows.bin ended before row {stop}")
                 done += n
         return out[:m]
+
+    def read_mapped(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) in the store's dtype as a view of the mapped file, no copy,
+        checked like ``read``: (stop - start, width). For readers that consume the rows at once
+        (scoring reads each page once, straight from the page cache). Read-only by contract
+        (writing through it would bypass the checksums); valid while the store is open."""
+        self._checked(start, stop)
+        return self._rows[start:stop]
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Ask the kernel to start reading rows [start, stop) into the page cache and return at
+        once (madvise WILLNEED on the map), so that the disk works while the caller computes.
+        Unchecked and without effect on results; nothing to do for an in-memory store."""
+        if self.path is None or not 0 <= start < stop <= self.n_rows:
+            return
+        offset = start * self._row_nbytes
+        aligned = offset - offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_WILLNEED, aligned, stop * self._row_nbytes - aligned)
 
     def chunks(self, size: int, layer: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (start, stop, rows fp32) over all rows in chunks of at most `size` rows."""
