@@ -24,6 +24,7 @@ with is refused, naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,6 +66,21 @@ def require_faiss():
         raise ImportError(f"the approximate index needs FAISS, which is not installed: "
                           f"{INSTALL_HINT}") from err
     return faiss
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the body with torch's intra-op threads set to one, restored after. Around FAISS:
+    torch's OpenMP workers, busy-waiting for the next torch op, otherwise take the cores
+    FAISS's own OpenMP runtime runs on (PQ training and searches ran many times slower beside
+    them). Around a query: its torch ops are small (a few triangular solves and a few hundred
+    candidate rows), so a second thread costs more in synchronisation than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def store_fingerprint(store, hessian: str) -> str:
@@ -165,7 +181,8 @@ class ApproximateIndex:
     def search(self, query: torch.Tensor, candidates: int) -> torch.Tensor:
         """(m, dim) embedded queries -> (m, candidates) int64 row ids, -1 where FAISS found
         fewer (an IVF search whose probed lists hold fewer rows)."""
-        _, ids = self.faiss_index.search(query.cpu().numpy(), candidates)
+        with one_torch_thread():
+            _, ids = self.faiss_index.search(query.cpu().numpy(), candidates)
         return torch.from_numpy(ids).to(torch.int64)
 
     def top_k(self, store, precondition: Preconditioner, test: torch.Tensor, k: int,
@@ -174,9 +191,11 @@ class ApproximateIndex:
         own multiplier), scored exactly: test (m, width) -> (values, indices), each (m, k),
         as ``rescore`` returns them."""
         candidates = candidates or self.manifest["candidates"]
-        white = whiten(precondition.factors, precondition.offsets, test)
-        ids = self.search(self.sketch(white), min(candidates * k, store.n_rows))
-        return rescore(store, unwhiten(precondition.factors, precondition.offsets, white), ids, k)
+        with one_torch_thread():
+            white = whiten(precondition.factors, precondition.offsets, test)
+            ids = self.search(self.sketch(white), min(candidates * k, store.n_rows))
+            preconditioned = unwhiten(precondition.factors, precondition.offsets, white)
+            return rescore(store, preconditioned, ids, k)
 
 
 def _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m, candidates):
@@ -258,14 +277,18 @@ def build(store, precondition: Preconditioner, ident: dict, *, dim: int = DEFAUL
                     nprobe=None, hnsw_m=hnsw_m if kind == "hnsw" else None)
     index = ApproximateIndex(fidx, manifest)
     if train_rows:
-        fidx.train(index.embed(precondition, _training_sample(store, train_rows)).numpy())
+        sample = index.embed(precondition, _training_sample(store, train_rows)).numpy()
+        with one_torch_thread():
+            fidx.train(sample)
     if kind == "ivf":
         manifest["nprobe"] = fidx.nprobe = nprobe or max(1, nlist // 10)
     chunks = range(0, store.n_rows, chunk_size)
     with tqdm(chunks, desc="grass index", unit="chunk", disable=not progress) as bar:
         for start in bar:
-            rows = store.read(start, min(start + chunk_size, store.n_rows))
-            fidx.add(index.embed(precondition, rows).numpy())
+            embedded = index.embed(precondition,
+                                   store.read(start, min(start + chunk_size, store.n_rows)))
+            with one_torch_thread():
+                fidx.add(embedded.numpy())
     write_atomic(os.path.join(store.path, MANIFEST_FILE), b"")  # the manifest goes last
     faiss.write_index(fidx, os.path.join(store.path, INDEX_FILE))
     write_atomic(os.path.join(store.path, MANIFEST_FILE),
