@@ -86,7 +86,13 @@ def test_reads_only_candidate_rows_in_one_gathered_read(built, monkeypatch):
     monkeypatch.setattr(attr.store, "read_rows", counting_read_rows)
     monkeypatch.setattr(attr.store, "read", None)  # row-range reads would fail loudly
     monkeypatch.setattr(attr.store, "_refresh", counting_refresh)
-    attr.top_k(test, 4, approximate=True, candidates=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the query runs with one thread and must restore two
+    try:
+        attr.top_k(test, 4, approximate=True, candidates=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert len(reads) == 1 and len(record_reads) == 1  # one read, progress records read once
     proposed = index.search(index.embed(precondition.precondition, test.values), 4 * 5)
     assert reads[0].tolist() == sorted(set(proposed.flatten().tolist()))
