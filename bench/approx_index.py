@@ -77,7 +77,7 @@ def lm_recall(workdir: Path) -> list[dict]:
                             store=workdir / "lm", batch_size=FULL.lm.batch_size, progress=False)
     attr.cache(train_blocks)
     return recall_rows(f"LM FactGraSS(k={FULL.k})", attr, attr.features(test_blocks),
-                       (128, 256, 512))
+                       (256, 512, 1024))
 
 
 def recall_rows(label: str, attr: grass.Attributor, test: Features, dims) -> list[dict]:
