@@ -229,7 +229,8 @@ def main() -> None:
         text = (f"## Recall@{K} on real features (efim, flat and pq indexes of the sketches)\n\n"
                 + format_table(rows, list(rows[0])) + "\n")
         (RESULTS / "approx_index_recall.md").write_text(
-            "# python -m bench.approx_index --sizes\n\n" + header + text)
+            f"# python -m bench.approx_index --recall {' '.join(args.recall)} --sizes\n\n"
+            + header + text)
         print(text, flush=True)
     rows = []
     for n in args.sizes:  # results are written after each size: a large one may not finish
