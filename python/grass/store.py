@@ -441,8 +441,9 @@ class GradientStore:
                 lo, hi = block * self.block_rows, min((block + 1) * self.block_rows, self.n_rows)
                 for writer, ranges in records.items():
                     spans = ranges.clipped(lo, hi)
+                    count = sum(b - a for a, b in spans)
                     # A block this object verified is not checked again (nor its entry read).
-                    if spans and (writer, block, sum(b - a for a, b in spans)) not in self._verified:
+                    if spans and (writer, block, count) not in self._verified:
                         self._verify_block(writer, block, ranges,
                                            self._table(writer).entries(block, block + 1)[0])
         return self._rows.index_select(0, rows).to(torch.float32)
