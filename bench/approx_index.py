@@ -4,11 +4,14 @@
     .venv/bin/python -m bench.approx_index --recall --sizes 10000 100000 1000000 --dir /big/disk
 
 Recall: recall@10 of the approximate top-10 against the exhaustive top-10 on the digits
-features (an MLP trained on sklearn's digits, hessian="efim"), for sketch widths and candidate
-multipliers. Latency: one query against synthetic bf16 stores of n rows of width 4096 (four
-layers of 1024; the rows are random but low-rank plus noise, like gradients, so that a top-10
-exists to find; the timings are real), exhaustive ``top_k`` against ``top_k(approximate=True)``
-timed in interleaved rounds in this one process, with the recall@10 of the same queries.
+features (an MLP trained on sklearn's digits, hessian="efim") and the LM benchmark's GPT-2
+features, for sketch widths, FAISS index kinds and candidate multipliers. Latency: one query
+against synthetic bf16 stores of n rows of width 4096 (four layers of 1024; the rows are
+random but low-rank plus noise, like gradients, so that a top-10 exists to find; the timings
+are real), exhaustive ``top_k`` against ``top_k(approximate=True)`` timed in interleaved
+rounds in this one process, with the recall@10 of the same queries, and the first
+approximate query of a freshly opened Attributor (which verifies the checksum blocks of its
+candidate rows; later queries skip blocks already verified).
 Writes bench/results/approx_index_recall.md and approx_index_latency.md, .json and .png.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,25 +77,26 @@ def lm_recall(workdir: Path) -> list[dict]:
                             store=workdir / "lm", batch_size=FULL.lm.batch_size, progress=False)
     attr.cache(train_blocks)
     return recall_rows(f"LM FactGraSS(k={FULL.k})", attr, attr.features(test_blocks),
-                       (128, 256, 512))
+                       (256, 512, 1024))
 
 
 def recall_rows(label: str, attr: grass.Attributor, test: Features, dims) -> list[dict]:
-    """Recall@K of a flat index of each sketch width in ``dims``, for 2, 5 and 10 x K
-    candidates, against the exhaustive top-K of ``test``."""
+    """Recall@K of flat and pq indexes of each sketch width in ``dims``, for several candidate
+    multipliers, against the exhaustive top-K of ``test``."""
     _, exact = attr.top_k(test, K)
     n, rows = attr.store.n_rows, []
     for dim in dims:
-        index = attr.build_index(dim=dim, kind="flat")
-        for candidates in (2, 5, 10):
-            _, approx = attr.top_k(test, K, approximate=True, candidates=candidates)
-            rows.append({
-                "features": label, "train rows": n, "queries": len(test.values),
-                "width": attr.store.width, "dim": index.dim, "index": index.manifest["kind"],
-                "candidates": f"{candidates} x {K}",
-                "rows read": f"{min(candidates * K, n) / n:.1%}",
-                f"recall@{K}": f"{recall(approx, exact):.3f}",
-            })
+        for kind, multipliers in (("flat", (2, 5, 10)), ("pq", (10, 30))):
+            index = attr.build_index(dim=dim, kind=kind)
+            for candidates in multipliers:
+                _, approx = attr.top_k(test, K, approximate=True, candidates=candidates)
+                rows.append({
+                    "features": label, "train rows": n, "queries": len(test.values),
+                    "width": attr.store.width, "dim": index.dim, "index": kind,
+                    "candidates": f"{candidates} x {K}",
+                    "rows read": f"{min(candidates * K, n) / n:.1%}",
+                    f"recall@{K}": f"{recall(approx, exact):.3f}",
+                })
     return rows
 
 
@@ -134,29 +139,38 @@ def synthetic_rows(basis: torch.Tensor, m: int, *, seed: int) -> torch.Tensor:
     return low + 0.1 * torch.randn(m, basis.shape[1], generator=g)
 
 
-def latency(workdir: Path, n: int, *, dim: int, kind: str, candidates: int, queries: int,
-            rounds: int) -> dict:
+def latency(workdir: Path, n: int, *, dim: int, kind: str, candidates: int | None,
+            queries: int, rounds: int) -> dict:
     attr = synthetic_attributor(workdir / f"synthetic_{n}", n)
     t0 = time.perf_counter()
-    index = attr.build_index(dim=dim, kind=kind)
+    index = attr.build_index(dim=dim, kind=kind, candidates=candidates)
     build_s = time.perf_counter() - t0
-    test = synthetic_rows(synthetic_basis(0), queries, seed=12345)
-    features = Features(test, attr.config)
-    _, exact = attr.top_k(features, K)
-    _, approx = attr.top_k(features, K, approximate=True, candidates=candidates)
+    test = synthetic_rows(synthetic_basis(0), queries + 1, seed=12345)
     one = Features(test[:1], attr.config)
+    # A fresh Attributor has verified no checksum block yet: its first query checks those of
+    # its candidate rows (the exhaustive queries below verify every block of ``attr``).
+    fresh = grass.Attributor.load(attr.store.path, attr.model, attr.loss_fn, progress=False)
+    fresh._scorer_checked()  # its curvature factored before the clock starts
+    t0 = time.perf_counter()
+    fresh.top_k(one, K, approximate=True)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    features = Features(test[1:], attr.config)
+    _, exact = attr.top_k(features, K)
+    _, approx = attr.top_k(features, K, approximate=True)
     ms = interleaved_ms({
         "exhaustive": lambda: attr.top_k(one, K),
-        "approximate": lambda: attr.top_k(one, K, approximate=True, candidates=candidates),
+        "approximate": lambda: attr.top_k(one, K, approximate=True),
     }, rounds, round_s=0)
+    manifest = index.manifest
     return {
         "n": n, "width": attr.store.width, "store GB": f"{n * attr.store.width * 2 / 1e9:.2f}",
-        "dim": index.dim, "index": index.manifest["kind"]
-        + (f" (nlist {index.manifest['nlist']}, nprobe {index.manifest['nprobe']})"
-           if index.manifest["kind"] == "ivf" else ""),
-        "candidates": f"{candidates} x {K}", "build (s)": f"{build_s:.1f}",
+        "dim": index.dim, "index": manifest["kind"]
+        + (f" (nlist {manifest['nlist']}, nprobe {manifest['nprobe']})"
+           if manifest["kind"] == "ivf" else ""),
+        "candidates": f"{manifest['candidates']} x {K}", "build (s)": f"{build_s:.1f}",
         "exhaustive (ms)": f"{ms['exhaustive']:.1f}", "approximate (ms)": f"{ms['approximate']:.2f}",
         "speed-up": f"{ms['exhaustive'] / ms['approximate']:.1f}x",
+        "first query, fresh (ms)": f"{first_ms:.1f}",
         f"recall@{K} ({queries} queries)": f"{recall(approx, exact):.3f}",
     }
 
@@ -190,8 +204,9 @@ def main() -> None:
                         help="real-feature recall tables (none: --recall with no names)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--kind", default="flat", help="FAISS index kind of the latency rows")
-    parser.add_argument("--candidates", type=int, default=10)
+    parser.add_argument("--kind", default="auto", help="FAISS index kind of the latency rows")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="candidates per wanted row (default: the index kind's own)")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--faiss-threads", type=int, default=1)
@@ -202,18 +217,20 @@ def main() -> None:
     faiss = require_faiss()
     # One query is too small a search to share: FAISS's OpenMP threads then wait on each other.
     faiss.omp_set_num_threads(args.faiss_threads)
-    header = (f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, FAISS "
-              f"{faiss.__version__} with {args.faiss_threads} thread(s), malloc thresholds set; "
-              "the machine was shared with other jobs\n\n")
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} torch threads (one in the "
+              f"approximate query path), FAISS {faiss.__version__} with {args.faiss_threads} "
+              f"thread(s), malloc thresholds set; the machine was shared with other jobs (load "
+              f"average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n\n")
     RESULTS.mkdir(exist_ok=True)
     if args.recall:
         rows = []
         for name in args.recall:
             rows += {"digits": digits_recall, "lm": lm_recall}[name](workdir)
-        text = (f"## Recall@{K} on real features (efim, flat index of the sketches)\n\n"
+        text = (f"## Recall@{K} on real features (efim, flat and pq indexes of the sketches)\n\n"
                 + format_table(rows, list(rows[0])) + "\n")
         (RESULTS / "approx_index_recall.md").write_text(
-            "# python -m bench.approx_index --sizes\n\n" + header + text)
+            f"# python -m bench.approx_index --recall {' '.join(args.recall)} --sizes\n\n"
+            + header + text)
         print(text, flush=True)
     rows = []
     for n in args.sizes:  # results are written after each size: a large one may not finish
@@ -225,7 +242,8 @@ def main() -> None:
                 + format_table(rows, list(rows[0])) + "\n")
         (RESULTS / "approx_index_latency.md").write_text(
             f"# python -m bench.approx_index --recall --sizes {' '.join(map(str, args.sizes))}"
-            f" --dim {args.dim} --kind {args.kind} --rounds {args.rounds}\n\n" + header + text)
+            f" --dim {args.dim} --kind {args.kind} --rounds {args.rounds}\n\n" + header + text
+            + f"\nLoad average when this size finished: {os.getloadavg()[0]:.1f}\n")
         (RESULTS / "approx_index_latency.json").write_text(json.dumps(rows, indent=1))
         plot(rows, RESULTS / "approx_index_latency.png")
         print(text, flush=True)

@@ -438,13 +438,14 @@ class Attributor:
                                    progress=self.progress)
 
     def top_k(self, test_data, k: int = 10, *, cosine: bool = False, approximate: bool = False,
-              candidates: int = 10):
+              candidates: int | None = None):
         """The k most helpful train examples per test example: (values, indices), (n_test, k).
 
         approximate: the index of ``build_index`` proposes ``candidates * k`` rows per test
-        example and only those rows are read from the store and scored exactly; values are
-        exact scores, but a true top-k row the index did not propose is missed. A test example
-        with fewer than k proposed rows gets -inf values and index -1 in its last places.
+        example (default: the multiplier the index was built with) and only those rows are
+        read from the store and scored exactly; values are exact scores, but a true top-k row
+        the index did not propose is missed. A test example with fewer than k proposed rows
+        gets -inf values and index -1 in its last places.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int; got {k!r}")
@@ -453,25 +454,27 @@ class Attributor:
         if cosine:
             raise ValueError("top_k(approximate=True) scores plain preconditioned inner "
                              "products: use cosine=False, or approximate=False for cosine")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0:
+        if candidates is not None and (isinstance(candidates, bool)
+                                       or not isinstance(candidates, int) or candidates <= 0):
             raise ValueError(f"candidates must be a positive int (rows proposed per wanted "
-                             f"row); got {candidates!r}")
+                             f"row) or None; got {candidates!r}")
         precondition = self._scorer_checked().precondition
         if self._index is None:
             self._index = approx_index.load(self.store.path, self._index_identity())
-        test = self._test_values(test_data).float()
-        wanted = min(candidates * k, self.store.n_rows)
-        ids = self._index.search(self._index.embed(precondition, test), wanted)
-        return approx_index.rescore(self.store, precondition, test, ids, k)
+        return self._index.top_k(self.store, precondition, self._test_values(test_data).float(),
+                                 k, candidates)
 
-    def build_index(self, *, dim: int = 2048, kind: str = "auto", c: int = 1, seed: int = 0,
-                    nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32):
+    def build_index(self, *, dim: int = approx_index.DEFAULT_DIM, kind: str = "auto", c: int = 1,
+                    seed: int = 0, nlist: int | None = None, nprobe: int | None = None,
+                    hnsw_m: int = 32, candidates: int | None = None):
         """Build the approximate index for ``top_k(approximate=True)`` into the store directory.
 
         Rows are whitened per layer by the damped curvature, sketched to ``dim`` columns with
         sjlt (c non-zeros per coordinate, ``seed``) and indexed by FAISS: kind "flat" (exact
-        search of the sketches), "ivf" (nlist inverted lists, nprobe searched per query),
-        "hnsw" (hnsw_m links per node) or "auto" (flat up to 2,000,000 rows, else ivf). Needs a
+        search of the sketches), "sq8" (8-bit codes), "pq" (4-bit product-quantisation codes),
+        "ivf" (nlist inverted lists, nprobe searched per query), "hnsw" (hnsw_m links per node)
+        or "auto" (flat while n x dim fp32 sketches fit in 64 MiB, pq above). ``candidates``:
+        the default rows proposed per wanted row (None: 30 for pq, 10 otherwise). Needs a
         complete on-disk store and ``faiss-cpu``; returns the ApproximateIndex.
         """
         self._scorer_checked()
@@ -482,7 +485,7 @@ class Attributor:
         self._index = approx_index.build(
             self.store, self._scorer_checked().precondition, self._index_identity(), dim=dim,
             kind=kind, c=c, seed=seed, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
-            chunk_size=self.chunk_size, progress=self.progress)
+            candidates=candidates, chunk_size=self.chunk_size, progress=self.progress)
         return self._index
 
     def _index_identity(self) -> dict:

@@ -5,7 +5,15 @@ L_l L_l^T = F_l + lambda_l I of each layer, the whitened rows w_i = L_l^{-1} phi
 (concatenated over layers) have w_j^T w_i equal to that score, so a maximum-inner-product
 search over w finds the highest-scoring train rows. The whitened rows (n, width) are reduced to
 ``dim`` columns with ``grass_kernels.sjlt`` (E<S w_j, S w_i> = w_j^T w_i) and searched with
-FAISS; its candidates are then re-scored exactly from the store by the caller.
+FAISS, whose candidates are then re-scored exactly: the query's preconditioned features
+L^{-T} w_j against the candidate rows, read from the store in one gathered, checksummed read.
+
+FAISS index kinds (all inner-product): "flat" scans the fp32 sketches; "sq8" scans them as
+8-bit codes (a quarter of the bytes); "pq" scans 4-bit product-quantisation codes of 4 columns
+each (FAISS's SIMD "fast scan", a thirty-second of the bytes), coarse enough that it proposes
+more candidates; "ivf" probes ``nprobe`` of ``nlist`` k-means lists; "hnsw" walks a graph. Which
+reaches what recall and speed on which features is measured in bench/README.md; "auto" takes
+"flat" while the fp32 sketches are small enough to scan in a few milliseconds and "pq" above.
 
 On disk the index is two files in the store directory: ``approx_index.faiss`` (FAISS's own
 ``write_index`` format) and ``approx_index.json``, a manifest with the store's identity (its
@@ -16,6 +24,7 @@ with is refused, naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,16 +41,22 @@ from .store import write_atomic
 
 INDEX_FILE = "approx_index.faiss"
 MANIFEST_FILE = "approx_index.json"
-KINDS = ("auto", "flat", "ivf", "hnsw")
-# kind="auto": exact inner-product search of the sketches (IndexFlatIP, n x dim fp32 in memory)
-# up to this many rows, IVF above (an inner-product IVF proposes fewer true top rows per
-# probed row than a flat scan: see bench/README.md).
-FLAT_MAX_ROWS = 2_000_000
-# IVF: rows of the k-means training sample per list (FAISS warns below 39), spread over the
-# store in TRAIN_PIECES runs of consecutive rows.
-TRAIN_ROWS_PER_LIST, TRAIN_PIECES = 40, 64
+KINDS = ("auto", "flat", "sq8", "pq", "ivf", "hnsw")
+DEFAULT_DIM = 1024
+# kind="auto": "flat" while the fp32 sketches (n x dim x 4 bytes) are at most this many bytes
+# (a scan of a few milliseconds), "pq" above.
+FLAT_MAX_BYTES = 64 << 20
+# "pq": each 4-bit code stands for this many sketch columns (dim must be a multiple of it).
+PQ_COLUMNS_PER_CODE = 4
+# Candidates proposed per wanted row by default: the 4-bit codes of "pq" rank more coarsely
+# than the other kinds' scores, so it proposes more rows for the exact re-scoring.
+DEFAULT_CANDIDATES = {"flat": 10, "sq8": 10, "pq": 30, "ivf": 10, "hnsw": 10}
+# Training samples, read as TRAIN_PIECES runs of consecutive rows spread over the store:
+# IVF's k-means takes TRAIN_ROWS_PER_LIST rows per list (FAISS warns below 39); "pq" and "sq8"
+# take TRAIN_ROWS (PQ's 16 centroids per code need at least 39 x 16).
+TRAIN_ROWS_PER_LIST, TRAIN_ROWS, TRAIN_PIECES = 40, 16384, 64
 INSTALL_HINT = "pip install faiss-cpu  (or: pip install 'grass-kernels[index]')"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def require_faiss():
@@ -52,6 +67,21 @@ def require_faiss():
         raise ImportError(f"the approximate index needs FAISS, which is not installed: "
                           f"{INSTALL_HINT}") from err
     return faiss
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the body with torch's intra-op threads set to one, restored after. Around FAISS:
+    torch's OpenMP workers, busy-waiting for the next torch op, otherwise take the cores
+    FAISS's own OpenMP runtime runs on (PQ training and searches ran many times slower beside
+    them). Around a query: its torch ops are small (a few triangular solves and a few hundred
+    candidate rows), so a second thread costs more in synchronisation than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def store_fingerprint(store, hessian: str) -> str:
@@ -86,68 +116,94 @@ def identity(store, hessian: str, dampings: tuple[float, float]) -> dict:
     }
 
 
-def whitening_factors(precondition: Preconditioner) -> dict[str, torch.Tensor] | None:
-    """name -> fp32 (k_l, k_l) lower Cholesky factor L_l of the damped curvature (None for
-    hessian="identity"). fp32 suffices: the index only proposes candidates, which are then
-    re-scored exactly."""
-    if precondition.factors is None:
-        return None
-    return {name: factor.float() for name, factor in precondition.factors.items()}
-
-
 def whiten(factors: Mapping[str, torch.Tensor] | None, layout: Layout,
            rows: torch.Tensor) -> torch.Tensor:
-    """(m, width) fp32 rows -> (m, width) fp32 L_l^{-1} phi_l per layer (rows unchanged when
-    ``factors`` is None), so that inner products of whitened rows are the scores."""
+    """(m, width) rows -> (m, width) L_l^{-1} phi_l per layer, so that inner products of
+    whitened rows are the scores: fp32 (fp64 when a factor is), or the rows unchanged as fp32
+    when ``factors`` is None (hessian="identity")."""
     if factors is None:
         return rows.float()
-    out = torch.empty_like(rows, dtype=torch.float32)
+    wide = any(f.dtype == torch.float64 for f in factors.values())
+    return _solve_layers(factors, layout, rows, torch.float64 if wide else torch.float32,
+                         transposed=False)
+
+
+def unwhiten(factors: Mapping[str, torch.Tensor] | None, layout: Layout,
+             white: torch.Tensor) -> torch.Tensor:
+    """(m, width) whitened rows L_l^{-1} phi_l -> (m, width) fp32 preconditioned rows
+    (F_l + lambda_l I)^{-1} phi_l = L_l^{-T} L_l^{-1} phi_l: one more triangular solve per
+    layer where the preconditioner's own solve would take two."""
+    if factors is None:
+        return white.float()
+    return _solve_layers(factors, layout, white, torch.float32, transposed=True)
+
+
+def _solve_layers(factors: Mapping[str, torch.Tensor], layout: Layout,
+                  rows: torch.Tensor, dtype: torch.dtype, *, transposed: bool) -> torch.Tensor:
+    """(m, width) -> (m, width) ``dtype`` on the CPU: each layer's columns solved against
+    L_l (lower triangular) or, ``transposed``, against L_l^T, in the factor's dtype."""
+    out = torch.empty(rows.shape, dtype=dtype)
     for name, columns in layout.items():
         factor = factors[name]
-        block = rows[:, columns.cols].to(factor.device).T  # (k_l, m)
-        solved = torch.linalg.solve_triangular(factor, block, upper=False)
-        out[:, columns.cols] = solved.T.to(out.device, torch.float32)
+        block = rows[:, columns.cols].to(factor.device, factor.dtype).T  # (k_l, m)
+        solved = torch.linalg.solve_triangular(factor.T if transposed else factor, block,
+                                               upper=transposed)
+        out[:, columns.cols] = solved.T.to("cpu", dtype)
     return out
 
 
 class ApproximateIndex:
     """A FAISS index of sketched whitened rows plus the manifest that ties it to a store.
 
-    dim: the sketch width (the whitened rows' own width when it is not larger); seed, c: the
-    sjlt map's seed and non-zeros per coordinate; manifest: ``identity(...)`` plus the options.
+    manifest: ``identity(...)`` plus the options: dim (the sketch width, or the whitened rows'
+    own width when it is not larger), sketched, c and seed (the sjlt map), kind, candidates
+    (the default per wanted row), nlist, nprobe, hnsw_m.
     """
 
     def __init__(self, faiss_index, manifest: dict):
         self.faiss_index = faiss_index
         self.manifest = manifest
-        self._factors: tuple[Preconditioner, dict | None] | None = None  # whitening, cached
 
     @property
     def dim(self) -> int:
         return self.manifest["dim"]
 
+    def sketch(self, white: torch.Tensor) -> torch.Tensor:
+        """(m, width) whitened rows -> (m, dim) fp32 contiguous rows as FAISS indexes them."""
+        if self.manifest["sketched"]:
+            white = grass_kernels.sjlt(white.float(), self.dim, c=self.manifest["c"],
+                                       seed=self.manifest["seed"])
+        return white.float().contiguous()
+
     def embed(self, precondition: Preconditioner, features: torch.Tensor) -> torch.Tensor:
         """(m, width) features -> (m, dim) fp32 contiguous sketched whitened rows."""
-        if self._factors is None or self._factors[0] is not precondition:
-            self._factors = (precondition, whitening_factors(precondition))
-        white = whiten(self._factors[1], precondition.layout, features.float())
-        if self.manifest["sketched"]:
-            white = grass_kernels.sjlt(white, self.dim, c=self.manifest["c"],
-                                       seed=self.manifest["seed"])
-        return white.contiguous()
+        return self.sketch(whiten(precondition.factors, precondition.layout, features))
 
     def search(self, query: torch.Tensor, candidates: int) -> torch.Tensor:
         """(m, dim) embedded queries -> (m, candidates) int64 row ids, -1 where FAISS found
         fewer (an IVF search whose probed lists hold fewer rows)."""
-        _, ids = self.faiss_index.search(query.cpu().numpy(), candidates)
+        with one_torch_thread():
+            _, ids = self.faiss_index.search(query.cpu().numpy(), candidates)
         return torch.from_numpy(ids).to(torch.int64)
 
+    def top_k(self, store, precondition: Preconditioner, test: torch.Tensor, k: int,
+              candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best k of ``candidates * k`` rows proposed per test row (default: the index's
+        own multiplier), scored exactly: test (m, width) -> (values, indices), each (m, k),
+        as ``rescore`` returns them."""
+        candidates = candidates or self.manifest["candidates"]
+        with one_torch_thread():
+            white = whiten(precondition.factors, precondition.layout, test)
+            ids = self.search(self.sketch(white), min(candidates * k, store.n_rows))
+            preconditioned = unwhiten(precondition.factors, precondition.layout, white)
+            return rescore(store, preconditioned, ids, k)
 
-def _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m):
+
+def _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m, candidates):
     for name, value in (("dim", dim), ("c", c), ("hnsw_m", hnsw_m)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
-    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+    for name, value in (("nlist", nlist), ("nprobe", nprobe), ("candidates", candidates)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value <= 0):
             raise ValueError(f"{name} must be a positive int or None; got {value!r}")
@@ -160,58 +216,80 @@ def _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m):
                          "over c blocks of dim / c)")
 
 
-def _new_faiss_index(faiss, kind: str, dim: int, n_rows: int, nlist, hnsw_m: int):
-    """An empty FAISS inner-product index of ``kind``, and its chosen nlist (IVF only)."""
+def choose_kind(kind: str, n_rows: int, dim: int) -> str:
+    """The FAISS index kind that ``kind`` ("auto" or a named kind) means for n_rows x dim
+    sketches; ValueError when "pq" cannot encode dim columns."""
+    pq_fits = dim % PQ_COLUMNS_PER_CODE == 0
     if kind == "auto":
-        kind = "flat" if n_rows <= FLAT_MAX_ROWS else "ivf"
+        return "flat" if n_rows * dim * 4 <= FLAT_MAX_BYTES else "pq" if pq_fits else "sq8"
+    if kind == "pq" and not pq_fits:
+        raise ValueError(f"kind='pq' needs a sketch width that is a multiple of "
+                         f"{PQ_COLUMNS_PER_CODE}; got dim={dim}: pick another dim or kind")
+    return kind
+
+
+def _new_faiss_index(faiss, kind: str, dim: int, n_rows: int, nlist, hnsw_m: int):
+    """An empty FAISS inner-product index of a named ``kind``, its nlist (IVF only, default
+    about sqrt(n)) and how many rows its training takes (0: none)."""
+    ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
-        return faiss.IndexFlatIP(dim), kind, None
+        return faiss.IndexFlatIP(dim), None, 0
+    if kind == "sq8":
+        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip), None, TRAIN_ROWS
+    if kind == "pq":
+        return faiss.IndexPQFastScan(dim, dim // PQ_COLUMNS_PER_CODE, 4, ip), None, TRAIN_ROWS
     if kind == "hnsw":
-        return faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT), kind, None
-    # IVF: about sqrt(n) lists, with TRAIN_ROWS_PER_LIST training rows each.
+        return faiss.IndexHNSWFlat(dim, hnsw_m, ip), None, 0
     nlist = nlist or max(1, min(int(n_rows ** 0.5), n_rows // TRAIN_ROWS_PER_LIST))
-    quantizer = faiss.IndexFlatIP(dim)
-    return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT), kind, nlist
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
+    return index, nlist, TRAIN_ROWS_PER_LIST * nlist
 
 
-def _training_sample(store, nlist: int) -> torch.Tensor:
-    """About TRAIN_ROWS_PER_LIST * nlist rows (fp32, (m, width)) read as TRAIN_PIECES runs
-    spread evenly over the store: the k-means sample of an IVF index, without a full pass."""
-    wanted = min(store.n_rows, TRAIN_ROWS_PER_LIST * nlist)
+def _training_sample(store, wanted: int) -> torch.Tensor:
+    """About ``wanted`` rows (fp32, (m, width)) read as TRAIN_PIECES runs spread evenly over
+    the store: a training sample without a full pass."""
+    if wanted >= store.n_rows:
+        return store.read(0, store.n_rows)
     piece = -(-wanted // TRAIN_PIECES)
     starts = torch.linspace(0, store.n_rows - piece, min(TRAIN_PIECES, -(-wanted // piece)))
     return torch.cat([store.read(a, a + piece) for a in starts.long().tolist()])
 
 
-def build(store, precondition: Preconditioner, ident: dict, *, dim: int = 2048,
+def build(store, precondition: Preconditioner, ident: dict, *, dim: int = DEFAULT_DIM,
           kind: str = "auto", c: int = 1, seed: int = 0, nlist: int | None = None,
-          nprobe: int | None = None, hnsw_m: int = 32, chunk_size: int = 4096,
-          progress: bool = True) -> ApproximateIndex:
+          nprobe: int | None = None, hnsw_m: int = 32, candidates: int | None = None,
+          chunk_size: int = 4096, progress: bool = True) -> ApproximateIndex:
     """Build the index of all rows of the complete on-disk ``store`` and write it there.
 
-    dim: sketch width (rows narrower than dim are indexed unsketched); kind: "flat" (exact
-    inner-product search of the sketches), "ivf" (nlist inverted lists, default sqrt(n); nprobe
-    searched per query, default nlist / 10), "hnsw" (a graph with hnsw_m links per node), or
-    "auto" (flat up to FLAT_MAX_ROWS rows, else ivf); c, seed: the sjlt map; chunk_size: rows
-    read at a time. ident: ``identity(store, ...)``, saved as the manifest.
+    dim: sketch width (rows narrower than dim are indexed unsketched); kind: one of KINDS (see
+    the module docstring; "ivf": nlist lists, default sqrt(n), nprobe searched per query,
+    default nlist / 10; "hnsw": hnsw_m links per node); candidates: the default rows proposed
+    per wanted row (None: DEFAULT_CANDIDATES of the kind); c, seed: the sjlt map; chunk_size:
+    rows read at a time. ident: ``identity(store, ...)``, saved as the manifest.
     """
     faiss = require_faiss()
-    _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m)
+    _check_options(dim, kind, c, seed, nlist, nprobe, hnsw_m, candidates)
     sketched = store.width > dim
     dim = dim if sketched else store.width
-    fidx, kind, nlist = _new_faiss_index(faiss, kind, dim, store.n_rows, nlist, hnsw_m)
+    kind = choose_kind(kind, store.n_rows, dim)
+    fidx, nlist, train_rows = _new_faiss_index(faiss, kind, dim, store.n_rows, nlist, hnsw_m)
     manifest = dict(ident, dim=dim, sketched=sketched, c=c, seed=seed, kind=kind,
-                    nlist=nlist, nprobe=None, hnsw_m=hnsw_m if kind == "hnsw" else None)
+                    candidates=candidates or DEFAULT_CANDIDATES[kind], nlist=nlist,
+                    nprobe=None, hnsw_m=hnsw_m if kind == "hnsw" else None)
     index = ApproximateIndex(fidx, manifest)
-    chunks = range(0, store.n_rows, chunk_size)
-    bar = tqdm(chunks, desc="grass index", unit="chunk", disable=not progress)
+    if train_rows:
+        sample = index.embed(precondition, _training_sample(store, train_rows)).numpy()
+        with one_torch_thread():
+            fidx.train(sample)
     if kind == "ivf":
-        fidx.train(index.embed(precondition, _training_sample(store, nlist)).numpy())
         manifest["nprobe"] = fidx.nprobe = nprobe or max(1, nlist // 10)
-    with bar:
+    chunks = range(0, store.n_rows, chunk_size)
+    with tqdm(chunks, desc="grass index", unit="chunk", disable=not progress) as bar:
         for start in bar:
-            rows = store.read(start, min(start + chunk_size, store.n_rows))
-            fidx.add(index.embed(precondition, rows).numpy())
+            embedded = index.embed(precondition,
+                                   store.read(start, min(start + chunk_size, store.n_rows)))
+            with one_torch_thread():
+                fidx.add(embedded.numpy())
     write_atomic(os.path.join(store.path, MANIFEST_FILE), b"")  # the manifest goes last
     faiss.write_index(fidx, os.path.join(store.path, INDEX_FILE))
     write_atomic(os.path.join(store.path, MANIFEST_FILE),
@@ -268,17 +346,19 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
-def rescore(store, precondition: Preconditioner, test: torch.Tensor, ids: torch.Tensor,
+def rescore(store, preconditioned: torch.Tensor, ids: torch.Tensor,
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact scores of each test row against its own candidate rows, read from the store.
+    """Exact scores of each test row against its own candidate rows, read from the store in
+    one gathered read (``GradientStore.read_rows``).
 
-    test: (m, width) fp32; ids: (m, c) int64 candidate rows per test row, -1 for none.
-    Returns (values, indices), each (m, k), best first; a test row with fewer than k candidates
-    has -inf values and index -1 in its last places.
+    preconditioned: (m, width) fp32 test features through (F + lambda I)^{-1}; ids: (m, c)
+    int64 candidate rows per test row, -1 for none. Returns (values, indices), each (m, k),
+    best first; a test row with fewer than k candidates has -inf values and index -1 in its
+    last places.
     """
     wanted = torch.unique(ids[ids >= 0])  # sorted
-    rows = read_rows(store, wanted)  # (u, width) fp32
-    scores = precondition(test.float()) @ rows.T  # (m, u)
+    rows = store.read_rows(wanted)  # (u, width) fp32
+    scores = preconditioned.to(rows.device) @ rows.T  # (m, u)
     # Column of each candidate in ``wanted``; a test row sees only its own candidates.
     position = torch.searchsorted(wanted, ids.clamp_min(0))
     member = torch.zeros(scores.shape, dtype=torch.int32)
@@ -292,18 +372,3 @@ def rescore(store, precondition: Preconditioner, test: torch.Tensor, ids: torch.
         values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
         indices = torch.cat([indices, indices.new_full((indices.shape[0], pad), -1)], 1)
     return values, indices
-
-
-def read_rows(store, wanted: torch.Tensor) -> torch.Tensor:
-    """Rows ``wanted`` (sorted unique int64 (u,)) of ``store`` as (u, width) fp32, reading each
-    run of consecutive rows once (and verifying only their checksum blocks)."""
-    if wanted.numel() == 0:
-        return torch.empty(0, store.width)
-    ids = wanted.tolist()
-    parts, first = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[i - 1] + 1:
-            parts.append(store.read(ids[first], ids[i - 1] + 1))
-            first = i
-    return torch.cat(parts)
-

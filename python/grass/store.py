@@ -384,13 +384,17 @@ class GradientStore:
         for writer, ranges in records.items():
             if not ranges.clipped(first * self.block_rows, (last + 1) * self.block_rows):
                 continue
-            if writer not in self._tables:
-                self._tables[writer] = ChecksumTable(self._file("checksums", f"{writer}.crc"),
-                                                     -(-self.n_rows // self.block_rows),
-                                                     writable=False)
-            entries = self._tables[writer].entries(first, last + 1)
+            entries = self._table(writer).entries(first, last + 1)
             for i, block in enumerate(range(first, last + 1)):
                 self._verify_block(writer, block, ranges, entries[i])
+
+    def _table(self, writer: str) -> ChecksumTable:
+        """``writer``'s checksum table, opened read-only once."""
+        if writer not in self._tables:
+            self._tables[writer] = ChecksumTable(self._file("checksums", f"{writer}.crc"),
+                                                 -(-self.n_rows // self.block_rows),
+                                                 writable=False)
+        return self._tables[writer]
 
     def _verify_block(self, writer: str, block: int, ranges: Intervals, entry: np.ndarray) -> None:
         lo = block * self.block_rows
@@ -427,6 +431,44 @@ class GradientStore:
         # copy=True: an fp32 store would otherwise hand out a view of the map, whose pages are
         # then read by whoever touches it first instead of here.
         return self._rows[start:stop, cols].to(torch.float32, copy=True)
+
+    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct int64 (u,)) as a new (u, width) fp32 tensor, in one
+        pass: the progress records are read once, each checksum block the rows touch is
+        verified once (blocks already verified by this store object are not read again), and
+        the rows are gathered by one indexed copy. Refuses rows not written yet and rows that
+        fail their checksum, like ``read``."""
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
+            got = (f"{rows.dtype} of shape {tuple(rows.shape)}" if isinstance(rows, torch.Tensor)
+                   else type(rows).__name__)
+            raise TypeError(f"rows must be a 1-D int64 tensor of row numbers; got {got}")
+        if rows.numel() == 0:
+            return torch.empty(0, self.width)
+        if not bool((rows[1:] > rows[:-1]).all()) or rows[0] < 0 or rows[-1] >= self.n_rows:
+            raise ValueError(f"rows must be strictly increasing row numbers in [0, "
+                             f"n_rows={self.n_rows}) (torch.unique gives them); got "
+                             f"{rows[:8].tolist()}{' ...' if rows.numel() > 8 else ''}")
+        ids = rows.numpy()  # the bookkeeping on a few hundred numbers runs in numpy
+        records = self._refresh()
+        written = Intervals(p for r in records.values() for p in r.pairs())
+        # Row i is written when the last range starting at or before it ends after it.
+        where = np.searchsorted(np.asarray(written.starts, dtype=np.int64), ids, side="right") - 1
+        stops = np.asarray(written.stops + [0], dtype=np.int64)  # where == -1 -> 0: unwritten
+        unwritten = ids[stops[where] <= ids]
+        if unwritten.size:
+            raise ValueError(f"rows {unwritten[:8].tolist()} are not all written yet; "
+                             f"missing: {self.missing()}")
+        if self.path is not None:
+            for block in np.unique(ids // self.block_rows).tolist():
+                lo, hi = block * self.block_rows, min((block + 1) * self.block_rows, self.n_rows)
+                for writer, ranges in records.items():
+                    spans = ranges.clipped(lo, hi)
+                    count = sum(b - a for a, b in spans)
+                    # A block this object verified is not checked again (nor its entry read).
+                    if spans and (writer, block, count) not in self._verified:
+                        self._verify_block(writer, block, ranges,
+                                           self._table(writer).entries(block, block + 1)[0])
+        return self._rows.index_select(0, rows).to(torch.float32)
 
     def read_raw(self, start: int, stop: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) in the store's dtype (bf16 / fp16 stay 16-bit: half the bytes to
