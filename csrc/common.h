@@ -1,8 +1,9 @@
-// Shared by the CPU (.cpp) and CUDA (.cu) kernels: SJLT code decoding, dtype dispatch, and the
-// argument checks every op repeats at the C++ boundary (the Python layer checks values too, but
-// an op called directly through torch.ops must still fail cleanly, never read out of bounds).
-// A wrong dtype raises TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value ValueError
-// (TORCH_CHECK_VALUE), as the Python checks do.
+// Shared by the CPU (.cpp) and CUDA (.cu) code: SJLT code decoding, dtype dispatch, and the
+// argument checks of the ops' entry points (flat_ops.cpp, factorized_ops.cpp), which run them
+// once per call for every device (the Python layer checks values too, but an op called directly
+// through torch.ops must still fail cleanly, never read out of bounds). A wrong dtype raises
+// TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value ValueError (TORCH_CHECK_VALUE),
+// as the Python checks do.
 #pragma once
 
 #include <ATen/ATen.h>
