@@ -29,7 +29,9 @@ void switch_bool(bool flag, F&& f) {
 
 // The copies per coordinate c of an SJLT table as a template parameter C: the common small c
 // (1, 2, 4) as itself, so the per-coordinate copy loop unrolls, any other c as kRuntimeCopies
-// (the loop reads c at run time). copies<C>(c) is the count either way.
+// (the loop reads c at run time). copies<C>(c) is the count either way: for a fixed C a
+// std::integral_constant, whose value its type carries, so it stays a compile-time constant
+// even where the count is captured into an OpenMP region's outlined body.
 constexpr int kRuntimeCopies = 0;
 
 template <typename F>
@@ -38,8 +40,12 @@ void switch_copies(int64_t c, F&& f) {
 }
 
 template <int C>
-constexpr int64_t copies(int64_t c) {
-  return C != kRuntimeCopies ? C : c;
+constexpr auto copies(int64_t c) {
+  if constexpr (C != kRuntimeCopies) {
+    return std::integral_constant<int64_t, C>{};
+  } else {
+    return c;
+  }
 }
 
 }  // namespace grass

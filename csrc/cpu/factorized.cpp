@@ -178,7 +178,7 @@ struct Sketch {
   // dst[h(e)] += s(e) / sqrt(c) * v[e - e0] for rows e0 .. e0 + n - 1 (C: see switch_copies).
   template <int C>
   void add_rows(int64_t e0, int64_t n, const float* __restrict v, float* __restrict dst) const {
-    const int64_t cc = copies<C>(c);
+    const auto cc = copies<C>(c);
     const int32_t* __restrict bk = bucket + e0 * cc;
     const float* __restrict wt = weight + e0 * cc;
     for (int64_t e = 0; e < n; ++e) {
@@ -212,7 +212,7 @@ int64_t sketch_tokens_avx512(const scalar_t* const* x, const float* m, int64_t n
   const int64_t covered = n / kLanes * kLanes;
   const int32_t* __restrict bucket = sk.bucket;
   const float* __restrict weight = sk.weight;
-  const int64_t c = copies<C>(sk.c);
+  const auto c = copies<C>(sk.c);
   for (int64_t i0 = 0; i0 < covered; i0 += kLanes) {
     __m512 v[16];
     for (int r = 0; r < 16; ++r) {

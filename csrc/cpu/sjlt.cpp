@@ -74,7 +74,7 @@ template <int C, typename scalar_t, typename Cols>
 void scatter_group(const scalar_t* const (&rows)[kLanes], Lanes* __restrict__ acc,
                    const int32_t* __restrict__ codes, int64_t c_runtime, int64_t lo, int64_t hi,
                    Cols cols) {
-  const int64_t c = copies<C>(c_runtime);
+  const auto c = copies<C>(c_runtime);
   int64_t m = lo;
   if constexpr (std::is_same_v<Cols, Identity>) {
     // Adjacent columns: kLanes vector loads and a transpose give kLanes coordinates' lanes,
@@ -214,11 +214,12 @@ void run_cpu(const TransposeParams& p) {
   const float* yp = y.data_ptr<float>();
   const int32_t* cp = p.codes;
   float* op = p.out;
+  const float scale = p.scale;  // a local: stores through op could alias p's members
   const int64_t row_blocks = (n + kLanes - 1) / kLanes, tiles = (d + kTile - 1) / kTile;
   const int nt = threads_for(n * d * p.c);
   switch_copies(p.c, [&](auto copies_tag) {
     constexpr int C = decltype(copies_tag)::value;
-    const int64_t cc = copies<C>(p.c);
+    const auto cc = copies<C>(p.c);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
     for (int64_t rb = 0; rb < row_blocks; ++rb) {
       for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -230,7 +231,7 @@ void run_cpu(const TransposeParams& p) {
             float acc = 0.0f;
             for (int64_t j = 0; j < cc; ++j)
               acc += simd::apply_sign(yr[code_bucket(cp[i * cc + j])], cp[i * cc + j]);
-            orow[i] = acc * p.scale;
+            orow[i] = acc * scale;
           }
         }
       }
