@@ -205,7 +205,8 @@ void scatter_block(const float* xt, int64_t i0, int64_t width, const Sketch& sk,
 #if defined(__AVX512F__)
 // The vector path of sketch_tokens for unit-stride fp32/fp16/bf16 rows: 16 coordinates of the
 // 16 rows per step, transposed in registers, then one multiply-add per (coordinate, copy) with
-// the columns still in registers (C: see switch_copies); returns how many coordinates it covered.
+// the columns still in registers (C: see switch_copies); returns how many coordinates it
+// covered.
 template <int C, typename scalar_t>
 int64_t sketch_tokens_avx512(const scalar_t* const* x, const float* m, int64_t n,
                              const Sketch& sk, float* vt, int64_t ld) {
@@ -256,7 +257,9 @@ void sketch_tokens(const Rows& in, int64_t b, int64_t t0, int64_t lanes, int64_t
 #if defined(__AVX512F__)
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (in.sd == 1) {
-        switch_copies(sk.c, [&](auto copies_tag) {
+        // Only c = 1 gets its own loop here: unrolled copy loops for c > 1 run slower than the
+        // loop that reads c at run time.
+        switch_value<kRuntimeCopies, 1>(sk.c, [&](auto copies_tag) {
           constexpr int C = decltype(copies_tag)::value;
           start = sketch_tokens_avx512<C, scalar_t>(x, m, n, sk, vt, ld);
         });
@@ -502,7 +505,7 @@ void run_cpu(const FactGrassParams& p) {
     outer_panels(rows, plan.stride, u, v, n_out_pad, n_in_pad, acc);
   };
   auto finish = [&](const float* acc, float* dst) {
-    switch_copies(sk.c, [&](auto copies_tag) {
+    switch_value<kRuntimeCopies, 1>(sk.c, [&](auto copies_tag) {  // c = 1: no copy loop
       constexpr int C = decltype(copies_tag)::value;
       for (int64_t o = 0; o < n_out; ++o) {
         sk.add_rows<C>(o * n_in, n_in, acc + o * n_in_pad, dst);
