@@ -1,8 +1,9 @@
-// Shared by the CPU (.cpp) and CUDA (.cu) kernels: SJLT code decoding, dtype dispatch, and the
-// argument checks every op repeats at the C++ boundary (the Python layer checks values too, but
-// an op called directly through torch.ops must still fail cleanly, never read out of bounds).
-// A wrong dtype raises TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value ValueError
-// (TORCH_CHECK_VALUE), as the Python checks do.
+// Shared by the CPU (.cpp) and CUDA (.cu) code: SJLT code decoding, dtype dispatch, and the
+// argument checks of the ops' entry points (flat_ops.cpp, factorized_ops.cpp), which run them
+// once per call for every device (the Python layer checks values too, but an op called directly
+// through torch.ops must still fail cleanly, never read out of bounds). A wrong dtype raises
+// TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value ValueError (TORCH_CHECK_VALUE),
+// as the Python checks do.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -73,12 +74,14 @@ struct RangeCheck {
 // per-layer case, where a reduction kernel's dispatch would cost more than the loop.
 constexpr int64_t kLoopRange = int64_t{1} << 20;
 
+// The count and the pointer are locals, so the loop vectorises wherever it is compiled.
 template <typename T>
 std::pair<int64_t, int64_t> loop_range(const at::Tensor& values) {
   const at::Tensor v = values.contiguous();
-  const T* p = v.data_ptr<T>();
+  const T* __restrict p = v.data_ptr<T>();
+  const int64_t n = v.numel();
   T lo = p[0], hi = p[0];
-  for (int64_t i = 1; i < v.numel(); ++i) {
+  for (int64_t i = 1; i < n; ++i) {
     lo = p[i] < lo ? p[i] : lo;
     hi = p[i] > hi ? p[i] : hi;
   }

@@ -1,5 +1,6 @@
-// The op schemas of grass_kernels. Kernels register their CPU / CUDA implementations in their
-// own files (TORCH_LIBRARY_IMPL); fake implementations live in grass_kernels/_library.py.
+// The op schemas of grass_kernels. The ops' entry points register themselves for CPU and CUDA
+// in flat_ops.cpp and factorized_ops.cpp (TORCH_LIBRARY_IMPL); fake implementations live in
+// grass_kernels/_library.py.
 // Argument meaning and shapes: grass_kernels/reference.py (the spec).
 #include <torch/library.h>
 

@@ -1,6 +1,6 @@
-// CPU (C++/OpenMP) kernels of the factorized ops: logra, fact_grass, fact_sjlt.
-// Semantics: grass_kernels/reference.py. acts (B, T, d_in) and grads (B, T, d_out) in fp32,
-// bf16 or fp16 with any strides; fp32 accumulation and output.
+// CPU (C++/OpenMP) kernels of the factorized ops: logra, fact_grass, fact_sjlt, on the params
+// that factorized_ops.cpp checked. Semantics: grass_kernels/reference.py. acts (B, T, d_in) and
+// grads (B, T, d_out) in fp32, bf16 or fp16 with any strides; fp32 accumulation and output.
 //
 // All three ops have one shape: per example b, per tile of token rows, fill two fp32 tiles
 //     U (tokens x n_out) from grads,   V (tokens x n_in) from acts (token mask and bias folded in)
@@ -20,29 +20,28 @@
 // The dense products of logra and fact_sjlt (A += U^T V and logra's projections) go to ATen's
 // addmm / mm on from_blob views of the per-thread buffers, i.e. MKL's sgemm, called from inside
 // our parallel region, where it runs single-threaded. fact_grass's product, k_o' x k_i' x
-// tokens (128 x 128 x 256 per example in the benchmarks), is most of its time; there MKL
-// packs both operands again and pays its call overhead per tile, while the panel kernel, fed
-// by the gather in its own layout, skips both.
+// tokens per example (128 x 128 x 256 for a 128 x 128 mask and 256-token tiles), is most of
+// its time; there MKL packs both operands again and pays its call overhead per tile, while the
+// panel kernel, fed by the gather in its own layout, skips both.
 // Parallelism: examples are split over threads; with fewer examples than threads each
 // example's tokens are split into chunks whose results are summed at the end (both the
 // copy-out and the SJLT scatter are linear, so partial results add).
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
+#include "cpu/simd.h"
+#include "dispatch.h"
+#include "params.h"
 
 namespace grass {
 namespace {
 
-// Floats per tile (U, V and converted input rows) per thread: ~1 MB, the L2 of this CPU.
+// Floats per tile (U, V and converted input rows) per thread: ~1 MB, a per-core L2.
 constexpr int64_t kTileFloats = 1 << 18;
 constexpr int64_t kMaxTileRows = 512;
 // fact_grass's outer-product kernel: one call updates a kMR x kNR block of A held in registers
@@ -70,13 +69,13 @@ struct Rows {
   at::ScalarType dtype;
   int64_t itemsize, sb, st, sd;  // strides in elements
 
-  explicit Rows(const at::Tensor& t)
-      : data(static_cast<const char*>(t.data_ptr())),
-        dtype(t.scalar_type()),
-        itemsize(t.element_size()),
-        sb(t.stride(0)),
-        st(t.stride(1)),
-        sd(t.stride(2)) {}
+  explicit Rows(const InputView& v)
+      : data(static_cast<const char*>(v.data)),
+        dtype(v.dtype),
+        itemsize(static_cast<int64_t>(c10::elementSize(v.dtype))),
+        sb(v.sb),
+        st(v.st),
+        sd(v.sd) {}
 
   const char* row(int64_t b, int64_t t) const { return data + (b * sb + t * st) * itemsize; }
 };
@@ -154,26 +153,20 @@ struct Sketch {
   const float* weight = nullptr;
   int64_t c;
 
-  // scale: folded into the weights (fact_grass's mask rescaling).
-  Sketch(const at::Tensor& codes, int64_t rows, int64_t k, const at::Tensor& ref, const char* name,
-         const char* k_name, float scale = 1.0f) {
-    check_codes(codes, name, rows, ref);
-    check_k(k, codes, k_name);
-    auto cc = codes.contiguous();
-    check_ranges({{cc, name, k, k_name, true}});
-    c = cc.size(1);
-    buckets = at::empty_like(cc);
-    weights = at::empty(cc.sizes(), cc.options().dtype(at::kFloat));
+  // codes (rows, c), checked; scale: folded into the weights (fact_grass's mask rescaling).
+  Sketch(const int32_t* codes, int64_t rows, int64_t copies, float scale = 1.0f) : c(copies) {
+    buckets = at::empty({rows, c}, at::TensorOptions(at::kInt));
+    weights = at::empty({rows, c}, at::TensorOptions(at::kFloat));
     int32_t* bk = buckets.data_ptr<int32_t>();
     float* wt = weights.data_ptr<float>();
-    decode(cc.data_ptr<int32_t>(), cc.numel(), scale / std::sqrt(static_cast<float>(c)), bk, wt);
+    decode(codes, rows * c, scale / std::sqrt(static_cast<float>(c)), bk, wt);
     bucket = bk;
     weight = wt;
   }
 
   // bk[e], wt[e] = bucket and sign * w of code[e] for e < n. A function of its own with
   // restrict pointers, so the loop vectorises: it runs on every call (16384 codes for a
-  // 128 x 128 mask) and was the largest fixed cost of a small call.
+  // 128 x 128 mask), a fixed cost that weighs most on small calls.
   static void decode(const int32_t* __restrict code, int64_t n, float w, int32_t* __restrict bk,
                      float* __restrict wt) {
     for (int64_t e = 0; e < n; ++e) {
@@ -182,21 +175,15 @@ struct Sketch {
     }
   }
 
-  // dst[h(e)] += s(e) / sqrt(c) * v for the c copies of row e.
-  void add(int64_t e, float v, float* dst) const {
-    for (int64_t j = e * c; j < (e + 1) * c; ++j) dst[bucket[j]] += weight[j] * v;
-  }
-
-  // dst[h(e)] += s(e) / sqrt(c) * v[e - e0] for rows e0 .. e0 + n - 1. c = 1 (the common
-  // case) gets a loop without the per-row copy loop.
+  // dst[h(e)] += s(e) / sqrt(c) * v[e - e0] for rows e0 .. e0 + n - 1 (C: see switch_copies).
+  template <int C>
   void add_rows(int64_t e0, int64_t n, const float* __restrict v, float* __restrict dst) const {
-    if (c != 1) {
-      for (int64_t e = 0; e < n; ++e) add(e0 + e, v[e], dst);
-      return;
+    const auto cc = copies<C>(c);
+    const int32_t* __restrict bk = bucket + e0 * cc;
+    const float* __restrict wt = weight + e0 * cc;
+    for (int64_t e = 0; e < n; ++e) {
+      for (int64_t j = e * cc; j < (e + 1) * cc; ++j) dst[bk[j]] += wt[j] * v[e];
     }
-    const int32_t* __restrict bk = bucket + e0;
-    const float* __restrict wt = weight + e0;
-    for (int64_t e = 0; e < n; ++e) dst[bk[e]] += wt[e] * v[e];
   }
 };
 
@@ -216,72 +203,28 @@ void scatter_block(const float* xt, int64_t i0, int64_t width, const Sketch& sk,
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is fp32's top half
-}
-
-// Transposes 16 rows of 16 floats in registers: afterwards v[j] holds coordinate j of rows
-// 0..15. 32-bit, then 64-bit interleaves within 128-bit lanes, then two 128-bit lane shuffles.
-// Forced inline: called out of line (GCC's choice at -O3), v[16] makes a round trip through the
-// stack on every 16 x 16 block, which cost fact_sjlt ~20% at the Llama MLP shapes.
-[[gnu::always_inline]] inline void transpose16(__m512 v[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
-  for (int i = 0; i < 4; ++i) {  // v[4i + j], lane L: coordinate 4L + j of rows 4i .. 4i + 3
-    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
-    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
-    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
-    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512 s0 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x44);
-    const __m512 s1 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xEE);
-    const __m512 s2 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x44);
-    const __m512 s3 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xEE);
-    t[j] = _mm512_shuffle_f32x4(s0, s2, 0x88);
-    t[j + 4] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
-    t[j + 8] = _mm512_shuffle_f32x4(s1, s3, 0x88);
-    t[j + 12] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
-  }
-  for (int j = 0; j < 16; ++j) v[j] = t[j];
-}
-
 // The vector path of sketch_tokens for unit-stride fp32/fp16/bf16 rows: 16 coordinates of the
-// 16 rows per step, transposed in registers; returns how many coordinates it covered.
-template <typename scalar_t>
+// 16 rows per step, transposed in registers, then one multiply-add per (coordinate, copy) with
+// the columns still in registers (C: see switch_copies); returns how many coordinates it
+// covered.
+template <int C, typename scalar_t>
 int64_t sketch_tokens_avx512(const scalar_t* const* x, const float* m, int64_t n,
                              const Sketch& sk, float* vt, int64_t ld) {
   const int64_t covered = n / kLanes * kLanes;
   const int32_t* __restrict bucket = sk.bucket;
   const float* __restrict weight = sk.weight;
-  const int64_t c = sk.c;
+  const auto c = copies<C>(sk.c);
   for (int64_t i0 = 0; i0 < covered; i0 += kLanes) {
     __m512 v[16];
     for (int r = 0; r < 16; ++r) {
       if (x[r]) _mm_prefetch(reinterpret_cast<const char*>(x[r] + i0) + kSketchPrefetch, _MM_HINT_T2);
     }
     for (int r = 0; r < 16; ++r) {
-      v[r] = x[r] ? _mm512_mul_ps(load16(x[r] + i0), _mm512_set1_ps(m[r])) : _mm512_setzero_ps();
+      v[r] = x[r] ? _mm512_mul_ps(simd::load_floats<16>(x[r] + i0), _mm512_set1_ps(m[r]))
+                  : _mm512_setzero_ps();
     }
-    transpose16(v);
-    if (c == 1) {  // the common case, without the per-coordinate copy loop
-      for (int q = 0; q < 16; ++q) {
-        float* dst = vt + bucket[i0 + q] * ld;
-        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(weight[i0 + q]), v[q],
-                                              _mm512_loadu_ps(dst)));
-      }
-      continue;
-    }
-    for (int q = 0; q < 16; ++q) {  // scatter_block with the columns still in registers
+    simd::transpose16(v);
+    for (int q = 0; q < 16; ++q) {
       for (int64_t e = (i0 + q) * c; e < (i0 + q + 1) * c; ++e) {
         float* dst = vt + bucket[e] * ld;
         _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(weight[e]), v[q],
@@ -313,7 +256,14 @@ void sketch_tokens(const Rows& in, int64_t b, int64_t t0, int64_t lanes, int64_t
     int64_t start = 0;
 #if defined(__AVX512F__)
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (in.sd == 1) start = sketch_tokens_avx512<scalar_t>(x, m, n, sk, vt, ld);
+      if (in.sd == 1) {
+        // Only c = 1 gets its own loop here: unrolled copy loops for c > 1 run slower than the
+        // loop that reads c at run time.
+        switch_value<kRuntimeCopies, 1>(sk.c, [&](auto copies_tag) {
+          constexpr int C = decltype(copies_tag)::value;
+          start = sketch_tokens_avx512<C, scalar_t>(x, m, n, sk, vt, ld);
+        });
+      }
     }
 #endif
     for (int64_t i0 = start; i0 < n; i0 += kBlock) {
@@ -416,16 +366,10 @@ void project(int64_t rows, int64_t d, int64_t k, const float* x, int64_t ldx, co
 
 // The token mask as a (B, T) fp32 pointer, or nullptr for "all ones".
 struct TokenMask {
-  at::Tensor mask;
-  const float* ptr = nullptr;
+  const float* ptr;
   int64_t T;
 
-  TokenMask(const std::optional<at::Tensor>& m, int64_t tokens) : T(tokens) {
-    if (m.has_value()) {
-      mask = m->contiguous();
-      ptr = mask.data_ptr<float>();
-    }
-  }
+  explicit TokenMask(const LinearParams& p) : ptr(p.token_mask), T(p.tokens) {}
   float operator()(int64_t b, int64_t t) const { return ptr ? ptr[b * T + t] : 1.0f; }
 };
 
@@ -439,9 +383,9 @@ struct Tiling {
   // scratch the fill needs (e.g. one converted input row); token_minor: the fill writes
   // token-minor tiles (see accumulate_outer) in whole groups of kLanes tokens, so the tile
   // length is a multiple of kLanes.
-  Tiling(const at::Tensor& acts, int64_t n_out_, int64_t n_in_, int64_t scratch, bool token_minor)
+  Tiling(const LinearParams& p, int64_t n_out_, int64_t n_in_, int64_t scratch, bool token_minor)
       : n_out(n_out_), n_in(n_in_), scratch_floats(scratch) {
-    const int64_t B = acts.size(0), T = acts.size(1);
+    const int64_t B = p.batch, T = p.tokens;
     threads = std::max<int64_t>(1, at::get_num_threads());
     chunks = B >= threads ? 1 : std::min<int64_t>(T, (threads + B - 1) / B);
     chunk_rows = (T + chunks - 1) / chunks;
@@ -461,19 +405,21 @@ struct Tiling {
 
 // The shared driver. tile_fn(b, t0, rows, U, V, scratch, A) fills the tiles for tokens
 // [t0, t0 + rows) of example b and adds their product into A (n_out x n_in); the tiles have
-// room for plan.stride tokens. finish(A, dst) adds example (chunk) results into dst (width).
+// room for plan.stride tokens. finish(A, dst) adds example (chunk) results into dst (width),
+// which starts zeroed; the (B, width) results go to p.out.
 template <class Tile, class Finish>
-at::Tensor factorized_driver(const at::Tensor& acts, const Tiling& plan, int64_t width,
-                             const Tile& tile_fn, const Finish& finish) {
-  const int64_t B = acts.size(0), T = acts.size(1);
+void factorized_driver(const LinearParams& p, const Tiling& plan, int64_t width,
+                       const Tile& tile_fn, const Finish& finish) {
+  const int64_t B = p.batch, T = p.tokens;
   const int64_t chunks = plan.chunks, stride = plan.stride, n_acc = plan.n_out * plan.n_in;
   const int64_t per_thread = stride * plan.per_row() + n_acc;
-  auto fopts = acts.options().dtype(at::kFloat);
+  const auto fopts = at::TensorOptions(at::kFloat);
   // Workspace from ATen's allocator, so memory profilers see it like any other allocation.
   auto workspace = at::empty({plan.threads, per_thread}, fopts);
-  auto out = at::zeros({B, chunks, width}, fopts);
+  // Token chunks of one example add up at the end: (B, chunks, width) partial results.
+  auto partial = chunks == 1 ? at::Tensor() : at::zeros({B, chunks, width}, fopts);
   float* ws = workspace.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
+  float* out_ptr = chunks == 1 ? p.out : partial.data_ptr<float>();
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t lo, int64_t hi) {
     float* u = ws + at::get_thread_num() * per_thread;
@@ -490,53 +436,48 @@ at::Tensor factorized_driver(const at::Tensor& acts, const Tiling& plan, int64_t
       finish(acc, out_ptr + item * width);
     }
   });
-  return chunks == 1 ? out.view({B, width}) : out.sum(1);
+  if (chunks > 1) {
+    at::Tensor out = at::from_blob(p.out, {B, width}, fopts);
+    at::sum_out(out, partial, 1);
+  }
 }
 
 void copy_out(const float* acc, int64_t n, float* dst) { std::copy(acc, acc + n, dst); }
 
-// Element offsets idx * stride of the masked columns (idx already checked against [0, d] or
+// Element offsets idx * stride of the n masked columns (idx already checked against [0, d] or
 // [0, d)). The virtual bias column (index d) gets offset 0 and its position in bias_pos (else
 // -1), so gathers stay branch-free and the caller overwrites that one entry.
-at::Tensor column_offsets(const at::Tensor& idx, int64_t d, int64_t stride, int64_t& bias_pos) {
-  auto ix = idx.contiguous();
-  auto off = at::empty_like(ix);
-  const int64_t* in = ix.data_ptr<int64_t>();
-  int64_t* o = off.data_ptr<int64_t>();
+std::vector<int64_t> column_offsets(const int64_t* idx, int64_t n, int64_t d, int64_t stride,
+                                    int64_t& bias_pos) {
+  std::vector<int64_t> off(n);
   bias_pos = -1;
-  for (int64_t j = 0; j < ix.numel(); ++j) {
-    if (in[j] == d) bias_pos = j;
-    o[j] = in[j] < d ? in[j] * stride : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (idx[j] == d) bias_pos = j;
+    off[j] = idx[j] < d ? idx[j] * stride : 0;
   }
   return off;
 }
 
-at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
-                          const at::Tensor& in_indices, const at::Tensor& out_indices,
-                          const at::Tensor& codes, int64_t k, double scale,
-                          const std::optional<at::Tensor>& token_mask, bool bias) {
-  check_linear(acts, grads, token_mask);
-  check_indices(in_indices, "in_indices", acts);
-  check_indices(out_indices, "out_indices", acts);
-  const int64_t d_in = acts.size(2), d_out = grads.size(2);
-  const int64_t n_in = in_indices.numel(), n_out = out_indices.numel();
-  const Rows x(acts), g(grads);
-  check_ranges({{in_indices, "in_indices", d_in + bias, "", false},
-                {out_indices, "out_indices", d_out, "", false}});
+}  // namespace
+
+void run_cpu(const FactGrassParams& p) {
+  const int64_t d_in = p.d_in, d_out = p.d_out;
+  const int64_t n_in = p.k_in_masked, n_out = p.k_out_masked;
+  const Rows x(p.acts), g(p.grads);
   int64_t bias_pos, no_bias;
-  auto off_in = column_offsets(in_indices, d_in, x.sd, bias_pos);
-  auto off_out = column_offsets(out_indices, d_out, g.sd, no_bias);
-  const int64_t* oi = off_in.data_ptr<int64_t>();
-  const int64_t* oo = off_out.data_ptr<int64_t>();
-  const Sketch sk(codes, n_out * n_in, k, acts, "codes", "k", static_cast<float>(scale));
-  const TokenMask mask(token_mask, acts.size(1));
+  const auto off_in = column_offsets(p.in_indices, n_in, d_in, x.sd, bias_pos);
+  const auto off_out = column_offsets(p.out_indices, n_out, d_out, g.sd, no_bias);
+  const int64_t* oi = off_in.data();
+  const int64_t* oo = off_out.data();
+  const Sketch sk(p.codes, n_out * n_in, p.c, static_cast<float>(p.scale));
+  const TokenMask mask(p);
 
   // U and V in the panel layout of outer_panels, widths rounded up to whole panels. The pad
   // lanes only ever meet A's pad rows / columns, which finish never reads; they are zeroed
   // (a few floats per token) so they never carry stale non-finite values into A.
   const int64_t n_out_pad = (n_out + kMR - 1) / kMR * kMR;
   const int64_t n_in_pad = (n_in + kNR - 1) / kNR * kNR;
-  const Tiling plan(acts, n_out_pad, n_in_pad, 0, false);
+  const Tiling plan(p, n_out_pad, n_in_pad, 0, false);
   const int64_t gap_out = plan.stride * kMR, gap_in = plan.stride * kNR;
   auto zero = [](int64_t begin, int64_t end, int64_t width, int64_t gap, float* dst) {
     for (int64_t j = begin; j < end; ++j) dst[panel_offset(j, width, gap)] = 0.0f;
@@ -564,34 +505,29 @@ at::Tensor fact_grass_cpu(const at::Tensor& acts, const at::Tensor& grads,
     outer_panels(rows, plan.stride, u, v, n_out_pad, n_in_pad, acc);
   };
   auto finish = [&](const float* acc, float* dst) {
-    for (int64_t o = 0; o < n_out; ++o) {
-      sk.add_rows(o * n_in, n_in, acc + o * n_in_pad, dst);
-    }
+    switch_value<kRuntimeCopies, 1>(sk.c, [&](auto copies_tag) {  // c = 1: no copy loop
+      constexpr int C = decltype(copies_tag)::value;
+      for (int64_t o = 0; o < n_out; ++o) {
+        sk.add_rows<C>(o * n_in, n_in, acc + o * n_in_pad, dst);
+      }
+    });
   };
-  return factorized_driver(acts, plan, k, tile, finish);
+  factorized_driver(p, plan, p.k, tile, finish);
 }
 
-at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::Tensor& p_in,
-                     const at::Tensor& p_out, const std::optional<at::Tensor>& token_mask,
-                     bool bias) {
-  check_linear(acts, grads, token_mask);
-  const int64_t d_in = acts.size(2), d_out = grads.size(2);
-  for (const auto& [p, name, cols] :
-       {std::tuple{&p_in, "p_in", d_in + bias}, std::tuple{&p_out, "p_out", d_out}}) {
-    TORCH_CHECK_TYPE(p->scalar_type() == at::kFloat, name, " must be float32, got ", p->scalar_type());
-    TORCH_CHECK_VALUE(p->dim() == 2 && p->size(1) == cols && p->size(0) >= 1, name,
-                " must have shape (k, ", cols, "), got ", p->sizes());
-    check_same_device(*p, name, acts);
-  }
-  auto pi = p_in.contiguous(), po = p_out.contiguous();
-  const int64_t k_in = pi.size(0), k_out = po.size(0);
+void run_cpu(const LograParams& p) {
+  const int64_t d_in = p.d_in, d_out = p.d_out, k_in = p.k_in, k_out = p.k_out;
+  const bool bias = p.bias;
   // The bias column of P_in as a contiguous k_in vector (bias adds m_t * p_bias to x_t P_in^T).
-  auto p_bias = bias ? pi.select(1, d_in).contiguous() : at::Tensor();
-  const float* pb = bias ? p_bias.data_ptr<float>() : nullptr;
-  const float* pin = pi.data_ptr<float>();
-  const float* pout = po.data_ptr<float>();
-  const Rows x(acts), g(grads);
-  const TokenMask mask(token_mask, acts.size(1));
+  std::vector<float> p_bias(bias ? k_in : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(p_bias.size()); ++j) {
+    p_bias[j] = p.p_in[j * (d_in + 1) + d_in];
+  }
+  const float* pb = bias ? p_bias.data() : nullptr;
+  const float* pin = p.p_in;
+  const float* pout = p.p_out;
+  const Rows x(p.acts), g(p.grads);
+  const TokenMask mask(p);
   // fp32 rows with a unit stride feed the GEMM in place; anything else is converted per tile.
   const bool direct_x = x.dtype == at::kFloat && x.sd == 1;
   const bool direct_g = g.dtype == at::kFloat && g.sd == 1;
@@ -599,14 +535,14 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
 
   // Y (rows x k) = (rows of `in`) P^T, reading the rows in place when possible.
   auto project_rows = [&](const Rows& in, bool direct, int64_t d, int64_t b, int64_t t0,
-                          int64_t rows, const float* p, int64_t ldp, int64_t k, float* y,
+                          int64_t rows, const float* proj, int64_t ldp, int64_t k, float* y,
                           float* buf) {
     if (direct) {
-      project(rows, d, k, reinterpret_cast<const float*>(in.row(b, t0)), in.st, p, ldp, y);
+      project(rows, d, k, reinterpret_cast<const float*>(in.row(b, t0)), in.st, proj, ldp, y);
       return;
     }
     for (int64_t r = 0; r < rows; ++r) load_row(in, b, t0 + r, d, buf + r * d);
-    project(rows, d, k, buf, d, p, ldp, y);
+    project(rows, d, k, buf, d, proj, ldp, y);
   };
   auto tile = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float* buf,
                   float* acc) {
@@ -622,22 +558,19 @@ at::Tensor logra_cpu(const at::Tensor& acts, const at::Tensor& grads, const at::
     accumulate_outer(rows, k_out, k_in, u, v, acc, 0);
   };
   auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
-  return factorized_driver(acts, Tiling(acts, k_out, k_in, scratch, false), k_out * k_in, tile,
-                           finish);
+  factorized_driver(p, Tiling(p, k_out, k_in, scratch, false), k_out * k_in, tile, finish);
 }
 
-at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
-                         const at::Tensor& codes_in, const at::Tensor& codes_out, int64_t k_in,
-                         int64_t k_out, const std::optional<at::Tensor>& token_mask, bool bias) {
-  check_linear(acts, grads, token_mask);
-  const int64_t d_in = acts.size(2), d_out = grads.size(2);
-  const Sketch sk_in(codes_in, d_in + bias, k_in, acts, "codes_in", "k_in");
-  const Sketch sk_out(codes_out, d_out, k_out, acts, "codes_out", "k_out");
-  const Rows x(acts), g(grads);
-  const TokenMask mask(token_mask, acts.size(1));
+void run_cpu(const FactSjltParams& p) {
+  const int64_t d_in = p.d_in, d_out = p.d_out, k_in = p.k_in, k_out = p.k_out;
+  const bool bias = p.bias;
+  const Sketch sk_in(p.codes_in, d_in + bias, p.c_in);
+  const Sketch sk_out(p.codes_out, d_out, p.c_out);
+  const Rows x(p.acts), g(p.grads);
+  const TokenMask mask(p);
 
   // Token-minor tiles: feature rows of ld floats, tokens in groups of kLanes.
-  const Tiling plan(acts, k_out, k_in, 0, true);
+  const Tiling plan(p, k_out, k_in, 0, true);
   const int64_t ld = plan.stride;
   auto tile = [&](int64_t b, int64_t t0, int64_t rows, float* u, float* v, float*, float* acc) {
     for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
@@ -653,15 +586,7 @@ at::Tensor fact_sjlt_cpu(const at::Tensor& acts, const at::Tensor& grads,
     accumulate_outer(rows, k_out, k_in, u, v, acc, ld);
   };
   auto finish = [&](const float* acc, float* dst) { copy_out(acc, k_out * k_in, dst); };
-  return factorized_driver(acts, plan, k_out * k_in, tile, finish);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(grass_kernels, CPU, m) {
-  m.impl("logra", &logra_cpu);
-  m.impl("fact_grass", &fact_grass_cpu);
-  m.impl("fact_sjlt", &fact_sjlt_cpu);
+  factorized_driver(p, plan, k_out * k_in, tile, finish);
 }
 
 }  // namespace grass

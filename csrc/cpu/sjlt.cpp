@@ -1,6 +1,6 @@
-// CPU (C++/OpenMP) kernels of the flat ops: sjlt, sjlt_transpose, grass.
-// Semantics: grass_kernels/reference.py. Inputs fp32/bf16/fp16 (fp64 compiles too), fp32
-// accumulation and output, 64-bit offsets into x everywhere.
+// CPU (C++/OpenMP) kernels of the flat ops: sjlt, sjlt_transpose, grass, on the params that
+// flat_ops.cpp checked. Semantics: grass_kernels/reference.py. Inputs fp32/bf16/fp16 (fp64
+// compiles too), fp32 accumulation and output, 64-bit offsets into x everywhere.
 //
 // Why the kernels look like this (bench/README.md has the measurements behind each choice):
 // - SJLT is a scatter-add: one pass over x plus one 4-byte table load per (coordinate, copy).
@@ -26,10 +26,12 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "common.h"
+#include "cpu/simd.h"
+#include "dispatch.h"
+#include "params.h"
 
 namespace grass {
 namespace {
@@ -38,8 +40,7 @@ namespace {
 // decode and one vector read-modify-write of the accumulator serve kLanes rows. The
 // accumulator is laid out (bucket, lane): the kLanes partial sums of a bucket share 32 bytes.
 constexpr int kLanes = 8;
-using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
-using LaneBits = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using Lanes = simd::Floats<kLanes>;
 // Coordinates per tile when the table is too big for L2: the tile's codes (kTile * c * 4
 // bytes) are read from L1/L2 by every row group of the thread instead of once per group from
 // L3 / DRAM (the table is 160 MB at D = 1e7, c = 4).
@@ -47,14 +48,6 @@ constexpr int64_t kTile = 4096;
 constexpr int64_t kTableInL2 = 1 << 16;  // codes (256 KB)
 // Below this many scatter-adds one thread is faster than waking the pool.
 constexpr int64_t kSerialWork = 1 << 15;
-
-inline float flip_sign(float v, int32_t code) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  bits ^= static_cast<uint32_t>(code) & 0x80000000u;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
 
 // Which column of x feeds table row m: m itself (sjlt, unit inner stride) or a masked column
 // (grass, any inner stride: only k' columns are read, so copying x would cost more than it saves).
@@ -67,69 +60,11 @@ struct Gather {
   int64_t operator()(int64_t m) const { return idx[m] * stride; }
 };
 
-// Calls f(std::integral_constant<int, C>) with C = c for the common small c, C = 0 (c read at
-// run time) otherwise, so the per-coordinate copy loop is unrolled where it matters.
-template <typename F>
-void with_copies(int64_t c, F&& f) {
-  switch (c) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 0>{}); break;
-  }
-}
-
-// acc[b_j][:] += s_j v for the c codes of one coordinate.
+// acc[b_j][:] += s_j v for the c codes of one coordinate (C: see switch_copies).
 template <int C>
 inline void add_signed(Lanes* __restrict__ acc, Lanes v, const int32_t* code, int64_t c_runtime) {
-  const int64_t c = C > 0 ? C : c_runtime;
-  // A C-style cast between vector types of one size reinterprets the bits.
-  const LaneBits bits = (LaneBits)v;
-  for (int64_t j = 0; j < c; ++j) {
-    const int32_t sign = static_cast<int32_t>(static_cast<uint32_t>(code[j]) & 0x80000000u);
-    acc[code_bucket(code[j])] += (Lanes)(bits ^ sign);
-  }
-}
-
-// kLanes consecutive elements as fp32 lanes.
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline Lanes load_lanes(const c10::BFloat16* p) {
-  using Half8 = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-  using Word8 = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-  Half8 h;
-  std::memcpy(&h, p, sizeof h);
-  return (Lanes)(__builtin_convertvector(h, Word8) << 16);  // bf16 is fp32's top half
-}
-template <typename scalar_t>
-inline Lanes load_lanes(const scalar_t* p) {
-  Lanes v;
-  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-}
-
-// v[r][j] <-> v[j][r]: an 8 x 8 transpose in three stages of two-input shuffles (pairs of
-// elements, pairs of pairs, 128-bit halves), 24 shuffles for 64 elements.
-inline void transpose8(Lanes (&v)[kLanes]) {
-  static_assert(kLanes == 8, "transpose8 needs 8 lanes");
-  Lanes t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    for (int h = 0; h < 2; ++h) {
-      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 2 * h + 1] =
-          __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  }
-  for (int j = 0; j < 4; ++j) {
-    v[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    v[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int64_t j = 0; j < copies<C>(c_runtime); ++j) {
+    acc[code_bucket(code[j])] += simd::apply_sign(v, code[j]);
   }
 }
 
@@ -139,15 +74,15 @@ template <int C, typename scalar_t, typename Cols>
 void scatter_group(const scalar_t* const (&rows)[kLanes], Lanes* __restrict__ acc,
                    const int32_t* __restrict__ codes, int64_t c_runtime, int64_t lo, int64_t hi,
                    Cols cols) {
-  const int64_t c = C > 0 ? C : c_runtime;
+  const auto c = copies<C>(c_runtime);
   int64_t m = lo;
   if constexpr (std::is_same_v<Cols, Identity>) {
     // Adjacent columns: kLanes vector loads and a transpose give kLanes coordinates' lanes,
     // far cheaper than building the lanes element by element.
     for (; m + kLanes <= hi; m += kLanes) {
       Lanes v[kLanes];
-      for (int r = 0; r < kLanes; ++r) v[r] = load_lanes(rows[r] + m);
-      transpose8(v);
+      for (int r = 0; r < kLanes; ++r) v[r] = simd::load_floats<kLanes>(rows[r] + m);
+      simd::transpose8(v);
       for (int j = 0; j < kLanes; ++j) add_signed<C>(acc, v[j], codes + (m + j) * c, c);
     }
   }
@@ -209,26 +144,20 @@ void reduce_parts(const Lanes* acc, int parts, int64_t part_size, int64_t k, int
   }
 }
 
-// scale * the SJLT of x's rows through cols and codes (m_total, c): (n, k) fp32. Zeroing,
-// scatter and write-back happen in one parallel region: on this shared machine every extra
-// fork/join of the pool (torch ops between regions) cost milliseconds of waiting for a thread.
+// out (n, k) fp32 = scale * the SJLT of x's rows through cols and codes (m_total, c). Zeroing,
+// scatter and write-back happen in one parallel region: each extra fork/join of the pool
+// (torch ops between regions) makes every thread wait for the slowest one to arrive.
 template <typename scalar_t, typename Cols>
-at::Tensor scatter(const scalar_t* x, int64_t n, int64_t row_stride, int64_t m_total, Cols cols,
-                   const at::Tensor& codes, int64_t k, double scale,
-                   const at::TensorOptions& options) {
-  const int64_t c = codes.size(1);
-  const int32_t* code_ptr = codes.data_ptr<int32_t>();
+void scatter(const scalar_t* x, int64_t n, int64_t row_stride, int64_t m_total, Cols cols,
+             const int32_t* codes, int64_t c, int64_t k, float scale, float* out) {
   const int parts = threads_for(n * m_total * c);
   const bool by_rows = split_rows(n, parts);
   // Part p: its slice of the rows over all of D, or all rows over its slice of D.
   const int64_t part_size = (by_rows ? groups((n + parts - 1) / parts) : groups(n)) * k;
-  at::Tensor acc_buf = at::empty({parts, part_size, kLanes}, options);
+  at::Tensor acc_buf = at::empty({parts, part_size, kLanes}, at::TensorOptions(at::kFloat));
   Lanes* acc = reinterpret_cast<Lanes*>(acc_buf.data_ptr<float>());
-  at::Tensor out = at::empty({n, k}, options);
-  float* o = out.data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  with_copies(c, [&](auto copies) {
-    constexpr int C = decltype(copies)::value;
+  switch_copies(c, [&](auto copies_tag) {
+    constexpr int C = decltype(copies_tag)::value;
 #pragma omp parallel num_threads(parts)
     {
       const int t = omp_get_thread_num(), used = omp_get_num_threads();
@@ -238,75 +167,59 @@ at::Tensor scatter(const scalar_t* x, int64_t n, int64_t row_stride, int64_t m_t
         const int64_t m1 = by_rows ? m_total : m_total * (p + 1) / parts;
         Lanes* part = acc + p * part_size;
         std::fill(part, part + groups(r1 - r0) * k, Lanes{});
-        scatter_rows<C>(x, row_stride, r0, r1, cols, code_ptr, c, m0, m1, part, k);
-        if (by_rows) write_rows(part, r1 - r0, k, s, o + r0 * k);
+        scatter_rows<C>(x, row_stride, r0, r1, cols, codes, c, m0, m1, part, k);
+        if (by_rows) write_rows(part, r1 - r0, k, scale, out + r0 * k);
       }
       if (!by_rows) {
 #pragma omp barrier
-        reduce_parts(acc, parts, part_size, k, n * k * t / used, n * k * (t + 1) / used, s, o);
+        reduce_parts(acc, parts, part_size, k, n * k * t / used, n * k * (t + 1) / used, scale,
+                     out);
       }
     }
   });
-  return out;
 }
 
-at::Tensor sjlt_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, int64_t k) {
-  check_float(x_in, "x", 2);
-  check_codes(codes_in, "codes", x_in.size(1), x_in);
-  check_k(k, codes_in);
-  const at::Tensor codes = codes_in.contiguous();
-  check_ranges({{codes, "codes", k, "k", true}});
-  // Rows may be strided freely; columns must be adjacent for the streaming read.
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  const auto options = x.options().dtype(at::kFloat);
-  at::Tensor out;
-  GRASS_DISPATCH_FLOATING(x.scalar_type(), "grass_kernels::sjlt (CPU)", [&] {
-    out = scatter(x.data_ptr<scalar_t>(), x.size(0), x.stride(0), x.size(1), Identity{}, codes,
-                  k, 1.0 / std::sqrt(static_cast<double>(codes.size(1))), options);
-  });
-  return out;
-}
+}  // namespace
 
-at::Tensor grass_cpu(const at::Tensor& x, const at::Tensor& indices_in, const at::Tensor& codes_in,
-                     int64_t k, double scale) {
-  check_float(x, "x", 2);
-  check_indices(indices_in, "indices", x);
-  check_codes(codes_in, "codes", indices_in.numel(), x);
-  check_k(k, codes_in);
-  const at::Tensor codes = codes_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  check_ranges({{codes, "codes", k, "k", true}, {indices, "indices", x.size(1), "", false}});
-  const auto options = x.options().dtype(at::kFloat);
-  const Gather cols{indices.data_ptr<int64_t>(), x.stride(1)};
-  at::Tensor out;
-  GRASS_DISPATCH_FLOATING(x.scalar_type(), "grass_kernels::grass (CPU)", [&] {
-    out = scatter(x.data_ptr<scalar_t>(), x.size(0), x.stride(0), indices.numel(), cols, codes,
-                  k, scale / std::sqrt(static_cast<double>(codes.size(1))), options);
+// sjlt reads adjacent columns (Identity: vector loads and a transpose), so a column-strided x
+// is copied once; grass reads only its k' columns (Gather), through any strides.
+void run_cpu(const FlatParams& p) {
+  at::Tensor dense;  // sjlt's contiguous copy of a column-strided x
+  InputView x = p.x;
+  if (!p.columns && x.sd != 1) {
+    dense = at::from_blob(const_cast<void*>(x.data), {p.rows, p.width}, {x.st, x.sd},
+                          at::TensorOptions(x.dtype))
+                .contiguous();
+    x = {dense.data_ptr(), x.dtype, 0, dense.stride(0), 1};
+  }
+  GRASS_DISPATCH_FLOATING(x.dtype, "grass_kernels flat op (CPU)", [&] {
+    const auto* data = static_cast<const scalar_t*>(x.data);
+    if (p.columns) {
+      scatter(data, p.rows, x.st, p.cols, Gather{p.columns, x.sd}, p.codes, p.c, p.k, p.scale,
+              p.out);
+    } else {
+      scatter(data, p.rows, x.st, p.cols, Identity{}, p.codes, p.c, p.k, p.scale, p.out);
+    }
   });
-  return out;
 }
 
 // x[n, i] = sum_j s_j(i) y[n, b_j(i)] / sqrt(c): a gather, so every output is written once and
-// threads split (row block, D tile) pairs freely. y (N, k) is converted to contiguous fp32 up
-// front: it is D / k times smaller than the output, and the gathers then hit one layout.
-at::Tensor sjlt_transpose_cpu(const at::Tensor& y_in, const at::Tensor& codes_in) {
-  check_float(y_in, "y", 2);
-  check_codes(codes_in, "codes", codes_in.size(0), y_in);
-  const int64_t n = y_in.size(0), k = y_in.size(1), d = codes_in.size(0), c = codes_in.size(1);
-  check_k(k, codes_in);
-  const at::Tensor codes = codes_in.contiguous();
-  check_ranges({{codes, "codes", k, "k", true}});
-  const at::Tensor y = y_in.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({n, d}, y.options());
+// threads split (row block, D tile) pairs freely. y (N, k) is converted to fp32 up front: it is
+// D / k times smaller than the output, and the gathers then hit one layout.
+void run_cpu(const TransposeParams& p) {
+  const at::Tensor y = at::from_blob(const_cast<void*>(p.y.data), {p.rows, p.k},
+                                     at::TensorOptions(p.y.dtype))
+                           .to(at::kFloat);
+  const int64_t n = p.rows, k = p.k, d = p.d;
   const float* yp = y.data_ptr<float>();
-  const int32_t* cp = codes.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c)));
+  const int32_t* cp = p.codes;
+  float* op = p.out;
+  const float scale = p.scale;  // a local: stores through op could alias p's members
   const int64_t row_blocks = (n + kLanes - 1) / kLanes, tiles = (d + kTile - 1) / kTile;
-  const int nt = threads_for(n * d * c);
-  with_copies(c, [&](auto copies) {
-    constexpr int C = decltype(copies)::value;
-    const int64_t cc = C > 0 ? C : c;
+  const int nt = threads_for(n * d * p.c);
+  switch_copies(p.c, [&](auto copies_tag) {
+    constexpr int C = decltype(copies_tag)::value;
+    const auto cc = copies<C>(p.c);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
     for (int64_t rb = 0; rb < row_blocks; ++rb) {
       for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -317,22 +230,13 @@ at::Tensor sjlt_transpose_cpu(const at::Tensor& y_in, const at::Tensor& codes_in
           for (int64_t i = tile * kTile; i < i1; ++i) {
             float acc = 0.0f;
             for (int64_t j = 0; j < cc; ++j)
-              acc += flip_sign(yr[code_bucket(cp[i * cc + j])], cp[i * cc + j]);
-            orow[i] = acc * inv;
+              acc += simd::apply_sign(yr[code_bucket(cp[i * cc + j])], cp[i * cc + j]);
+            orow[i] = acc * scale;
           }
         }
       }
     }
   });
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(grass_kernels, CPU, m) {
-  m.impl("sjlt", &sjlt_cpu);
-  m.impl("sjlt_transpose", &sjlt_transpose_cpu);
-  m.impl("grass", &grass_cpu);
 }
 
 }  // namespace grass

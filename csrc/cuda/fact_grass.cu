@@ -1,5 +1,6 @@
 // Fused FactGraSS on CUDA: one kernel per call, from (acts, grads) straight to the (B, k)
-// compressed gradients. Semantics: grass_kernels/reference.py (fact_grass).
+// compressed gradients, on the params that factorized_ops.cpp checked. Semantics:
+// grass_kernels/reference.py (fact_grass).
 //
 // Grid: x = (example b, 128 x 128 tile of the k_o' x k_i' reduced gradient), y = token split.
 // A block stages 32 tokens at a time: the masked columns of acts (times token_mask; the virtual
@@ -20,22 +21,25 @@ namespace cuda {
 namespace {
 
 // The index in slot `slot` of an index set of `count` entries, or -1 past its end. The op's
-// entry point has checked every index against its range (check_ranges) before the launch.
+// entry point has checked every index against its range before the launch.
 __device__ __forceinline__ int64_t tile_index(const int64_t* __restrict__ idx, int64_t slot,
                                               int64_t count) {
   return slot < count ? __ldg(idx + slot) : -1;
 }
 
-// act_t, grad_t: the element types of acts and grads (mixed under autocast).
+// act_t, grad_t: the element types of acts and grads (mixed under autocast). tg: the launch's
+// grid; scale: the op's scale / sqrt(c); shared: the example's k-vector fits in shared memory.
 template <typename act_t, typename grad_t>
 __global__ void __launch_bounds__(kThreads)
-    fact_grass_kernel(Strided3<act_t> acts, Strided3<grad_t> grads,
-                      const float* __restrict__ token_mask, const int64_t* __restrict__ in_idx,
-                      const int64_t* __restrict__ out_idx, const int32_t* __restrict__ codes,
-                      int64_t tokens, int64_t d_in, int64_t d_out, bool bias, int64_t k_i,
-                      int64_t k_o, int c, int64_t k, int tiles_i, int n_tiles,
-                      int64_t tokens_per_split, float scale, bool shared,
-                      float* __restrict__ out) {
+    fact_grass_kernel(const FactGrassParams p, const TileGrid tg, float scale, bool shared) {
+  const Strided3<act_t> acts(p.acts);
+  const Strided3<grad_t> grads(p.grads);
+  const float* __restrict__ token_mask = p.token_mask;
+  const int64_t tokens = p.tokens, d_in = p.d_in, k = p.k;
+  const int64_t k_i = p.k_in_masked, k_o = p.k_out_masked;
+  const int c = static_cast<int>(p.c);
+  const int tiles_i = tg.tiles_i, n_tiles = tg.n_tiles;
+  float* __restrict__ out = p.out;
   extern __shared__ float smem[];
   float* xs = smem;                  // [kSteps][kTile]
   float* ds = smem + kSteps * kTile;  // [kSteps][kTile]
@@ -43,16 +47,16 @@ __global__ void __launch_bounds__(kThreads)
   const int tile = static_cast<int>(blockIdx.x % n_tiles);
   const int64_t i0 = static_cast<int64_t>(tile % tiles_i) * kTile;
   const int64_t o0 = static_cast<int64_t>(tile / tiles_i) * kTile;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_split;
-  const int64_t t_end = std::min(tokens, t_begin + tokens_per_split);
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tg.tokens_per_split;
+  const int64_t t_end = std::min(tokens, t_begin + tg.tokens_per_split);
 
   // This thread stages slot `slot` of both tiles, for token rows lane + u * kLanes.
   constexpr int kLanes = kThreads / kTile;
   constexpr int kRows = kSteps / kLanes;  // token rows staged per thread per step
   const int slot = threadIdx.x % kTile;
   const int lane = threadIdx.x / kTile;
-  const int64_t x_col = tile_index(in_idx, i0 + slot, k_i);
-  const int64_t d_col = tile_index(out_idx, o0 + slot, k_o);
+  const int64_t x_col = tile_index(p.in_indices, i0 + slot, k_i);
+  const int64_t d_col = tile_index(p.out_indices, o0 + slot, k_o);
   // This slot's columns at token 0 of example b (null past the index sets; the virtual bias
   // column of acts reads the mask value instead): the loop steps them by the token strides.
   const bool x_bias = x_col == d_in;
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kMicro; ++j) {
       const int64_t i = i0 + tile_acc.col(j);
-      if (i < k_i) sjlt_scatter(target, codes, o * k_i + i, c, scale * tile_acc.acc[a][j]);
+      if (i < k_i) sjlt_scatter(target, p.codes, o * k_i + i, c, scale * tile_acc.acc[a][j]);
     }
   }
   if (shared) {
@@ -109,22 +113,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename act_t, typename grad_t>
-void launch(const at::Tensor& acts, const at::Tensor& grads, const float* mask,
-            const at::Tensor& in_idx, const at::Tensor& out_idx, const at::Tensor& codes,
-            bool bias, int64_t k, float scale, at::Tensor& out) {
+void launch(const FactGrassParams& p, float scale) {
   auto kernel = fact_grass_kernel<act_t, grad_t>;
   // The k-vector reuses the staging space when it fits in shared memory.
-  const bool shared = k * 4 <= max_smem_bytes();
-  const int64_t smem = std::max<int64_t>(kStagingBytes, shared ? k * 4 : 0);
-  const int64_t batch = acts.size(0), tokens = acts.size(1);
+  const bool shared = p.k * 4 <= max_smem_bytes();
+  const int64_t smem = std::max<int64_t>(kStagingBytes, shared ? p.k * 4 : 0);
   const TileGrid tg =
-      tile_grid(batch, tokens, out_idx.numel(), in_idx.numel(),
+      tile_grid(p.batch, p.tokens, p.k_out_masked, p.k_in_masked,
                 launch_capacity(reinterpret_cast<const void*>(kernel), smem), "fact_grass");
-  kernel<<<tg.grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      Strided3<act_t>(acts), Strided3<grad_t>(grads), mask, in_idx.data_ptr<int64_t>(),
-      out_idx.data_ptr<int64_t>(), codes.data_ptr<int32_t>(), tokens, acts.size(2),
-      grads.size(2), bias, in_idx.numel(), out_idx.numel(), static_cast<int>(codes.size(1)), k,
-      tg.tiles_i, tg.n_tiles, tg.tokens_per_split, scale, shared, out.data_ptr<float>());
+  kernel<<<tg.grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, tg, scale, shared);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -135,53 +132,26 @@ void launch(const at::Tensor& acts, const at::Tensor& grads, const float* mask,
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-at::Tensor fact_grass(const at::Tensor& acts, const at::Tensor& grads,
-                      const at::Tensor& in_indices, const at::Tensor& out_indices,
-                      const at::Tensor& codes_in, int64_t k, double scale,
-                      const std::optional<at::Tensor>& token_mask, bool bias) {
-  check_linear(acts, grads, token_mask);
-  check_indices(in_indices, "in_indices", acts);
-  check_indices(out_indices, "out_indices", acts);
-  check_codes(codes_in, "codes", in_indices.numel() * out_indices.numel(), acts);
-  check_k(k, codes_in);
-  const bool fp64 = acts.scalar_type() == at::kDouble || grads.scalar_type() == at::kDouble;
-  TORCH_CHECK_TYPE(!fp64 || acts.scalar_type() == grads.scalar_type(),
-                   "fact_grass on CUDA reads float64 acts and grads only together, got ",
-                   acts.scalar_type(), " and ", grads.scalar_type());
-  const at::cuda::CUDAGuard guard(acts.device());
-  const at::Tensor in_idx = in_indices.contiguous();
-  const at::Tensor out_idx = out_indices.contiguous();
-  const at::Tensor codes = codes_in.contiguous();
-  check_ranges({{in_idx, "in_indices", acts.size(2) + (bias ? 1 : 0), "", false},
-                {out_idx, "out_indices", grads.size(2), "", false},
-                {codes, "codes", k, "k", true}});
-  // (B, T) floats: small beside acts and grads, so a contiguous copy when it is not one.
-  const at::Tensor mask = token_mask ? token_mask->contiguous() : at::Tensor();
-  at::Tensor out = at::zeros({acts.size(0), k}, acts.options().dtype(at::kFloat));
-  if (acts.size(0) == 0 || acts.size(1) == 0) return out;
-
-  const float s = static_cast<float>(scale / std::sqrt(static_cast<double>(codes.size(1))));
-  const float* mask_ptr = mask.defined() ? mask.data_ptr<float>() : nullptr;
-  auto go = [&](auto act_tag, auto grad_tag) {
-    launch<decltype(act_tag), decltype(grad_tag)>(acts, grads, mask_ptr, in_idx, out_idx, codes,
-                                                  bias, k, s, out);
-  };
-  if (fp64) {
-    go(double{}, double{});
-    return out;
-  }
-  GRASS_DISPATCH_MIXABLE(acts.scalar_type(), "grass_kernels::fact_grass (CUDA)", [&] {
-    using act_t = scalar_t;
-    GRASS_DISPATCH_MIXABLE(grads.scalar_type(), "grass_kernels::fact_grass (CUDA)",
-                           [&] { go(act_t{}, scalar_t{}); });
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace cuda
-}  // namespace grass
 
-TORCH_LIBRARY_IMPL(grass_kernels, CUDA, m) {
-  m.impl("fact_grass", &grass::cuda::fact_grass);
+// out (B, k), zeroed: one launch; fp64 acts and grads come only together (the entry checks).
+void run_cuda(const FactGrassParams& p) {
+  using namespace cuda;
+  if (p.batch == 0 || p.tokens == 0) return;
+  const float s = static_cast<float>(p.scale / std::sqrt(static_cast<double>(p.c)));
+  auto go = [&](auto act_tag, auto grad_tag) {
+    launch<decltype(act_tag), decltype(grad_tag)>(p, s);
+  };
+  if (p.acts.dtype == at::kDouble) {
+    go(double{}, double{});
+    return;
+  }
+  GRASS_DISPATCH_MIXABLE(p.acts.dtype, "grass_kernels::fact_grass (CUDA)", [&] {
+    using act_t = scalar_t;
+    GRASS_DISPATCH_MIXABLE(p.grads.dtype, "grass_kernels::fact_grass (CUDA)",
+                           [&] { go(act_t{}, scalar_t{}); });
+  });
 }
+
+}  // namespace grass

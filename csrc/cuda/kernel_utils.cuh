@@ -1,6 +1,7 @@
-// Helpers shared by the CUDA kernels: element loads, the SJLT scatter of one value, the flush
-// of a shared-memory k-vector to global memory, and launch-time sizing (SM count, opt-in
-// dynamic shared memory, resident blocks, cached per kernel and device).
+// Helpers shared by the CUDA kernels: element and vector loads (and the alignment test for the
+// latter), the SJLT scatter of one value, the flush of a shared-memory k-vector to global
+// memory, and launch-time sizing (SM count, opt-in dynamic shared memory, resident blocks,
+// cached per kernel and device).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -37,6 +38,12 @@ __device__ __forceinline__ void load_pack(const scalar_t* p, float (&v)[V]) {
   const auto pack = *reinterpret_cast<const Pack<scalar_t, V>*>(p);
 #pragma unroll
   for (int e = 0; e < V; ++e) v[e] = to_float(pack.v[e]);
+}
+
+// Whether load_pack can read rows that start at p, row_bytes apart, at every multiple of 16
+// bytes into a row (16-byte vector loads).
+inline bool vector_aligned(const void* p, int64_t row_bytes) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_bytes % 16 == 0;
 }
 
 // Adds sign_j * v to the c buckets of coordinate `f` (codes row f, int32 (rows, c)). The op's

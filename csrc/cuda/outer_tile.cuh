@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "kernel_utils.cuh"
+#include "params.h"
 
 namespace grass {
 namespace cuda {
@@ -89,8 +90,8 @@ struct Strided3 {
   const scalar_t* __restrict__ data;
   int64_t sb, st, sd;
 
-  explicit Strided3(const at::Tensor& t)
-      : data(t.data_ptr<scalar_t>()), sb(t.stride(0)), st(t.stride(1)), sd(t.stride(2)) {}
+  __device__ __forceinline__ explicit Strided3(const InputView& v)
+      : data(static_cast<const scalar_t*>(v.data)), sb(v.sb), st(v.st), sd(v.sd) {}
 
   // Element (b, 0, i); token t of that column is at [t * st].
   __device__ __forceinline__ const scalar_t* column(int64_t b, int64_t i) const {
