@@ -147,6 +147,8 @@ inline void check_linear(const at::Tensor& acts, const at::Tensor& grads,
   check_same_device(grads, "grads", acts);
   TORCH_CHECK_VALUE(acts.size(0) == grads.size(0) && acts.size(1) == grads.size(1),
               "acts and grads must agree on (B, T), got ", acts.sizes(), " and ", grads.sizes());
+  TORCH_CHECK_VALUE(acts.size(0) >= 1 && acts.size(1) >= 1,
+                    "acts must have B >= 1 and T >= 1; got ", acts.sizes());
   if (token_mask.has_value()) {
     const auto& m = *token_mask;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "token_mask must be float32");

@@ -269,3 +269,24 @@ def test_native_op_rejects_out_of_range_tables():
         ops.fact_grass(acts, grads, idx_in, idx_out, codes, 8, 1.0, None, False)
     with pytest.raises(ValueError, match=r"codes_in must have shape \(9, c\)"):
         ops.fact_sjlt(acts, grads, codes, gk.sjlt_codes(5, 4, c=1, seed=0), 16, 4, None, True)
+
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("batch, tokens", [(0, 5), (3, 0)])
+def test_empty_batch_or_no_tokens_refused(op, batch, tokens):
+    """No examples or no tokens: the same ValueError from the public op and from the native
+    kernel called directly (which used to divide by the batch size)."""
+    acts, grads = torch.randn(batch, tokens, 23), torch.randn(batch, tokens, 19)
+    codes = _tables.sjlt_codes(23, 8, seed=0)
+    indices = torch.arange(4)
+    native = {"logra": lambda: torch.ops.grass_kernels.logra(
+                  acts, grads, torch.randn(4, 23), torch.randn(4, 19), None, False),
+              "fact_grass": lambda: torch.ops.grass_kernels.fact_grass(
+                  acts, grads, indices, indices, _tables.sjlt_codes(16, 8, seed=0), 8, 1.0,
+                  None, False),
+              "fact_sjlt": lambda: torch.ops.grass_kernels.fact_sjlt(
+                  acts, grads, codes, _tables.sjlt_codes(19, 8, seed=1), 8, 8, None, False)}
+    for call in (lambda: contract(op, "tokens-odd", acts, grads, None, False), native[op]):
+        with pytest.raises(ValueError, match=r"B >= 1 and T >= 1"):
+            call()
