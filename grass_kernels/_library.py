@@ -1,7 +1,7 @@
 """Loads the native library and gives its ops their fake (meta) implementations.
 
-The schemas live in ``csrc/registration.cpp``; the CPU and CUDA kernels register themselves
-from their own files. The fakes below let ``torch.compile`` and FakeTensor tracing see output
+The schemas live in ``csrc/registration.cpp``; each op's one entry point (``csrc/flat_ops.cpp``,
+``csrc/factorized_ops.cpp``) registers itself for CPU and, in CUDA builds, for CUDA. The fakes below let ``torch.compile`` and FakeTensor tracing see output
 shapes without running a kernel. Argument order and meaning match ``grass_kernels.reference``.
 """
 

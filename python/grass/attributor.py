@@ -34,10 +34,8 @@ from .fingerprint import model_fingerprint
 from .scoring import Scorer, TrainNorms
 from .store import GradientStore
 
-# Relative damping lambda in F_l + lambda * tr(F_l) / k_l * I. Chosen on the digits LDS
-# benchmark (`python -m bench.attributor --damping`): LDS is flat for lambda in [0.3, 1] and within
-# 0.03 of each method's best at 0.5 for Identity, FactGraSS, LoGra and FactSJLT at k = 64 and 256,
-# while 1e-5 (DESIGN's first guess) loses up to 0.5 LDS for uncompressed gradients.
+# Relative damping lambda in F_l + lambda * tr(F_l) / k_l * I, chosen on the digits LDS
+# benchmark (`python -m bench.attributor --damping`; the measurements are in bench/README.md).
 DEFAULT_DAMPING = 0.5
 # Draws per example of hessian="fisher": see the README's "Choosing the Hessian and damping".
 DEFAULT_FISHER_SAMPLES = 16
