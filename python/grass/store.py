@@ -396,11 +396,17 @@ class GradientStore:
                                                  writable=False)
         return self._tables[writer]
 
-    def _verify_block(self, writer: str, block: int, ranges: Intervals, entry: np.ndarray) -> None:
+    def _verify_block(self, writer: str, block: int, ranges: Intervals,
+                      entry: np.ndarray | None = None) -> None:
+        """Check ``writer``'s rows of ``block`` against its checksum-table ``entry`` (read here
+        when not given, and only if the block still needs checking); a block this object has
+        verified with the same rows is not read again."""
         lo = block * self.block_rows
         hi = min(lo + self.block_rows, self.n_rows)
         spans = ranges.clipped(lo, hi)
         while spans and (writer, block, sum(b - a for a, b in spans)) not in self._verified:
+            if entry is None:
+                entry = self._table(writer).entries(block, block + 1)[0]
             try:
                 intact = verify_block(writer, block, spans, entry, self._row_bytes, self.path)
             except ChecksumError as e:
@@ -460,14 +466,8 @@ class GradientStore:
                              f"missing: {self.missing()}")
         if self.path is not None:
             for block in np.unique(ids // self.block_rows).tolist():
-                lo, hi = block * self.block_rows, min((block + 1) * self.block_rows, self.n_rows)
                 for writer, ranges in records.items():
-                    spans = ranges.clipped(lo, hi)
-                    count = sum(b - a for a, b in spans)
-                    # A block this object verified is not checked again (nor its entry read).
-                    if spans and (writer, block, count) not in self._verified:
-                        self._verify_block(writer, block, ranges,
-                                           self._table(writer).entries(block, block + 1)[0])
+                    self._verify_block(writer, block, ranges)
         return self._rows.index_select(0, rows).to(torch.float32)
 
     def read_raw(self, start: int, stop: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
