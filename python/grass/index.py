@@ -24,7 +24,6 @@ with is refused, naming what differs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ import grass_kernels
 
 from .curvature import Preconditioner
 from .layers import Layout
+from .scoring import one_torch_thread
 from .store import write_atomic
 
 INDEX_FILE = "approx_index.faiss"
@@ -69,19 +69,6 @@ def require_faiss():
     return faiss
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """Run the body with torch's intra-op threads set to one, restored after. Around FAISS:
-    torch's OpenMP workers, busy-waiting for the next torch op, otherwise take the cores
-    FAISS's own OpenMP runtime runs on (PQ training and searches ran many times slower beside
-    them). Around a query: its torch ops are small (a few triangular solves and a few hundred
-    candidate rows), so a second thread costs more in synchronisation than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def store_fingerprint(store, hessian: str) -> str:

@@ -23,6 +23,7 @@ norms is the per-layer quadratic forms q_{l,i} = phi_{i,l}^T (F_l + lambda_l I)^
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Callable, Iterator
@@ -41,6 +42,20 @@ SMALL_BATCH = 16
 # chunk_size is raised to it): both chosen by bench/scoring.py --sweep.
 TILE_BYTES = 4 << 20
 CHUNK_BYTES = 32 << 20
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the body with torch's intra-op threads set to one, restored after (the setting is
+    process-wide). For bodies of small ops, where a second thread costs more in
+    synchronisation than it saves, and around code with its own OpenMP runtime (FAISS), which
+    torch's busy-waiting workers would otherwise slow down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _ChunkProducts:
@@ -73,16 +88,11 @@ class _ChunkProducts:
         m, n = rows.shape[0], self.pre.shape[0]
         out = torch.empty((len(self.layout), n, m) if self.per_layer else (n, m),
                           device=self.pre.device)
-        threads = torch.get_num_threads()
-        if self.small:
-            torch.set_num_threads(1)
-        try:
+        with one_torch_thread() if self.small else contextlib.nullcontext():
             for a in range(0, m, self.tile_rows):
                 b = min(a + self.tile_rows, m)
                 tile = rows[a:b] if self.buffer is None else self.buffer[:b - a].copy_(rows[a:b])
                 self._tile_products(tile, out[..., a:b])
-        finally:
-            torch.set_num_threads(threads)
         return out
 
     def _tile_products(self, tile: torch.Tensor, out: torch.Tensor) -> None:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..scoring import one_torch_thread
+
 __all__ = ["DigitsTask", "load_digits", "make_mlp", "margins", "per_example_loss",
            "sampled_label_loss"]
 
@@ -96,11 +98,9 @@ class DigitsTask:
         x = self.x_train.expand(len(seeds), -1, -1)
         labels = self.y_train.expand(len(seeds), -1)
         opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        threads = torch.get_num_threads()
-        # The ops are small: with several threads each one pays a barrier, which on a shared
-        # machine costs more than the arithmetic (measured 3-4x slower with 2 threads here).
-        torch.set_num_threads(1)
-        try:
+        # The ops are small: with several threads each one pays a barrier, which costs more
+        # than the arithmetic.
+        with one_torch_thread():
             for _ in range(self.epochs):
                 opt.zero_grad(set_to_none=True)
                 hidden = torch.tanh(torch.baddbmm(b1, x, w1.transpose(1, 2)))
@@ -108,8 +108,6 @@ class DigitsTask:
                 ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (S, n)
                 (ce * weights).sum().backward()
                 opt.step()
-        finally:
-            torch.set_num_threads(threads)
         with torch.no_grad():
             for s, model in enumerate(inits):
                 model[0].weight.copy_(w1[s]), model[0].bias.copy_(b1[s, 0])
